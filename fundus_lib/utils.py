@@ -1,0 +1,93 @@
+"""Small shared utilities: seeding, device choice, DataLoader worker counts, a timer."""
+from __future__ import annotations
+
+import os
+import random
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import numpy as np
+import torch
+
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cpu", "cuda", "mps")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA) and return a torch Generator seeded alike.
+
+    Pass the returned generator to a DataLoader (``generator=``) and :func:`seed_worker` as its
+    ``worker_init_fn`` so that shuffling and augmentation in worker processes are reproducible.
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: derive NumPy and Python seeds from torch's per-worker seed."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    """Resolve a device name: "auto" picks CUDA, then Apple MPS, then CPU.
+
+    An explicit "cuda" or "mps" that is not available raises a clear error instead of silently
+    falling back to the CPU.
+    """
+    if device not in DEVICE_CHOICES and not str(device).startswith("cuda:"):
+        raise ValueError(f"device must be one of {DEVICE_CHOICES} or 'cuda:N', got {device!r}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r} was requested but CUDA is not available; use 'auto' or 'cpu'")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("device='mps' was requested but Apple MPS is not available; use 'auto' or 'cpu'")
+    return torch.device(device)
+
+
+def default_num_workers(requested: int | None = None) -> int:
+    """DataLoader workers: ``requested`` when given, else ``min(4, cpu_count - 1)`` (0 on 1 core)."""
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"num_workers must be >= 0, got {requested}")
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores - 1))
+
+
+class Timer:
+    """Wall-clock timer usable as a context manager: ``with Timer() as t: ...; t.seconds``."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.seconds: float = 0.0
+
+    def __enter__(self) -> "Timer":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - (self.start or time.perf_counter())
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Temporarily set torch's intra-op thread count (benchmarks use it to pin one core)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
