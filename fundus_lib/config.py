@@ -1,0 +1,268 @@
+"""Run configuration for the notebooks: profiles, presets and validated parameters.
+
+Every notebook has ONE cell tagged ``parameters`` holding literal assignments (papermill injects
+its own values after it), followed by ``cfg = resolve(globals(), notebook="11_canet")``.
+:func:`resolve` then
+
+1. keeps the literal-valued names of the namespace (the parameters; imports are ignored),
+2. rejects names the notebook does not declare (its ``configs/<notebook>/quick.yaml`` lists them),
+3. fills every ``None`` from, in order: an environment variable ``FUNDUS_<NAME>`` (e.g.
+   ``FUNDUS_DATA_DIR``, ``FUNDUS_DEVICE``), then the profile preset
+   ``configs/<notebook>/<profile>.yaml`` (profiles "smoke" and "quick"; "full" has no preset: a
+   ``configs/<notebook>/full-<dataset>.yaml`` file passed to papermill gives every value),
+4. checks every value's type, range and choices against :data:`PARAMETERS`,
+
+and raises ONE :class:`ConfigError` listing every bad or unknown parameter.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import yaml
+
+PROFILES: tuple[str, ...] = ("smoke", "quick", "full")
+PRESET_PROFILES: tuple[str, ...] = ("smoke", "quick")
+DATASETS: tuple[str, ...] = (
+    "synthetic", "idrid_grading", "idrid_segmentation", "messidor", "messidor2", "aptos", "eyepacs",
+    "ddr_grading", "ddr_segmentation", "retinal_lesions",
+)
+_LITERAL_TYPES = (int, float, str, bool, list, tuple, dict, type(None))
+_IPYTHON_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython"})
+
+
+class ConfigError(ValueError):
+    """One or more notebook parameters are unknown or invalid; the message lists all of them."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """Declaration of one parameter: its type, allowed values and meaning.
+
+    ``nullable`` parameters may stay ``None`` after resolution (for example ``data_dir``: None
+    means "generate the synthetic benchmark").
+    """
+
+    kind: type
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple | None = None
+    nullable: bool = False
+
+    def problems(self, name: str, value: Any) -> list[str]:
+        """Why ``value`` is not acceptable for parameter ``name`` (empty list when it is)."""
+        if value is None:
+            return [] if self.nullable else [f"{name}: no value (None) and no preset; expected {self.describe()}"]
+        if self.kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif self.kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif self.kind is list:
+            ok = isinstance(value, (list, tuple))
+        else:
+            ok = isinstance(value, self.kind)
+        if not ok:
+            return [f"{name}={value!r} has type {type(value).__name__}; expected {self.describe()}"]
+        if self.choices is not None:
+            items = value if self.kind is list else [value]
+            bad = [item for item in items if item not in self.choices]
+            if bad:
+                return [f"{name}={value!r}: {bad if self.kind is list else repr(value)} not in {list(self.choices)}"]
+        items = value if self.kind is list else [value]
+        for item in items:
+            if isinstance(item, (int, float)) and not isinstance(item, bool):
+                if self.minimum is not None and item < self.minimum:
+                    return [f"{name}={value!r} is below the minimum {self.minimum}; expected {self.describe()}"]
+                if self.maximum is not None and item > self.maximum:
+                    return [f"{name}={value!r} is above the maximum {self.maximum}; expected {self.describe()}"]
+        return []
+
+    def describe(self) -> str:
+        text = self.kind.__name__
+        if self.choices is not None:
+            text += f" in {list(self.choices)}"
+        if self.minimum is not None or self.maximum is not None:
+            text += f" in [{self.minimum if self.minimum is not None else '-inf'}, " \
+                    f"{self.maximum if self.maximum is not None else 'inf'}]"
+        return text + (" or None" if self.nullable else "")
+
+
+#: Every parameter any notebook may declare, with its type, range and meaning.
+PARAMETERS: dict[str, Param] = {
+    "profile": Param(str, "smoke (CI), quick (CPU default), full (real data, GPU)", choices=PROFILES),
+    "seed": Param(int, "random seed for data generation, initialisation and shuffling", 0, 2**31 - 1),
+    "device": Param(str, "auto | cpu | cuda | mps", choices=("auto", "cpu", "cuda", "mps")),
+    "dataset": Param(str, "dataset key: 'synthetic' or a real source (see data/README.md)", choices=DATASETS),
+    "data_dir": Param(str, "folder of a real dataset; None = synthetic benchmark under data/generated",
+                      nullable=True),
+    "output_dir": Param(str, "where checkpoints and figures go; None = runs/<notebook>", nullable=True),
+    "image_size": Param(int, "side of the square network input, in pixels", 32, 4096),
+    "preview_size": Param(int, "side of images shown in figures, in pixels", 32, 4096),
+    "n_train": Param(int, "synthetic training images", 1, 1_000_000),
+    "n_val": Param(int, "synthetic validation images", 1, 1_000_000),
+    "n_test": Param(int, "synthetic test images", 1, 1_000_000),
+    "n_images": Param(int, "images generated for a gallery or statistics", 1, 1_000_000),
+    "epochs": Param(int, "training epochs", 1, 100_000),
+    "batch_size": Param(int, "mini-batch size", 1, 4096),
+    "lr": Param(float, "learning rate", 1e-8, 10.0),
+    "weight_decay": Param(float, "L2 weight decay", 0.0, 1.0),
+    "num_workers": Param(int, "DataLoader worker processes", 0, 64),
+    "backbone": Param(str, "torchvision feature extractor",
+                      choices=("resnet18", "resnet34", "resnet50", "densenet121", "densenet161", "inception_v3")),
+    "weights": Param(str, "backbone initialisation: 'none', 'imagenet' or a path to a state dict"),
+    "n_dr_classes": Param(int, "DR classes: 2 (referable) or 5 (ICDR grades)", choices=(2, 5)),
+    "folds": Param(int, "cross-validation folds", 2, 20),
+    "repeats": Param(int, "independent seeds per configuration (error bars)", 1, 50),
+    "lam": Param(float, "weight of the auxiliary / classification loss term", 0.0, 1.0),
+    "lambdas": Param(list, "lambda values of a sweep", 0.0, 1.0),
+    "domain": Param(str, "synthetic camera domain", choices=("A", "B", "C", "lowq")),
+    "difficulty": Param(float, "synthetic lesion difficulty: 0 easy .. 1 hard", 0.0, 1.0),
+    "interactive": Param(bool, "build ipywidgets explorers (off in CI)"),
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The resolved parameters of one notebook run (attribute access: ``cfg.epochs``)."""
+
+    notebook: str
+    values: Mapping[str, Any]
+    project_root: Path
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(f"parameter {name!r} is not declared by notebook {self.notebook!r}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    @property
+    def is_synthetic(self) -> bool:
+        """True when the run uses the synthetic benchmark (every number is then labelled synthetic)."""
+        return self.values.get("dataset", "synthetic") == "synthetic"
+
+    @property
+    def generated_dir(self) -> Path:
+        """Where generated data (synthetic datasets, caches) lives: ``data/generated``."""
+        return self.project_root / "data" / "generated"
+
+    @property
+    def run_dir(self) -> Path:
+        """Checkpoints and artefacts of this notebook: ``output_dir`` or ``runs/<notebook>``."""
+        given = self.values.get("output_dir")
+        return Path(given) if given else self.project_root / "runs" / self.notebook
+
+    def __repr__(self) -> str:
+        width = max(len(k) for k in self.values) if self.values else 0
+        lines = [f"RunConfig({self.notebook})"] + [f"  {k:<{width}} = {v!r}" for k, v in self.values.items()]
+        return "\n".join(lines)
+
+
+_ACTIVE: RunConfig | None = None
+
+
+def active_config() -> RunConfig | None:
+    """The configuration returned by the latest :func:`resolve` call in this process."""
+    return _ACTIVE
+
+
+def project_root() -> Path:
+    """The project folder: ``$FUNDUS_HOME``, else the first parent of the working directory holding
+    ``configs/`` and ``pyproject.toml``, else the folder above the installed package."""
+    if os.environ.get("FUNDUS_HOME"):
+        return Path(os.environ["FUNDUS_HOME"]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "configs").is_dir() and (folder / "pyproject.toml").is_file():
+            return folder
+    return Path(__file__).resolve().parent.parent
+
+
+def load_preset(notebook: str, profile: str, root: Path | None = None) -> dict[str, Any]:
+    """Read ``configs/<notebook>/<profile>.yaml`` as a dict (raises ConfigError naming the file)."""
+    path = (root or project_root()) / "configs" / notebook / f"{profile}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no preset file {path} for notebook {notebook!r}, profile {profile!r}")
+    with path.open() as handle:
+        data = yaml.safe_load(handle) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of parameter: value, got {type(data).__name__}")
+    return data
+
+
+def literal_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The literal-valued, public names of a namespace (a notebook's ``globals()``).
+
+    Modules, functions, classes and IPython's own names are skipped, so calling
+    ``resolve(globals(), ...)`` right after the parameters cell sees exactly the parameters.
+    """
+    return {
+        name: value for name, value in namespace.items()
+        if not name.startswith("_") and name not in _IPYTHON_NAMES and isinstance(value, _LITERAL_TYPES)
+    }
+
+
+def _parse_env(text: str) -> Any:
+    """Environment values are YAML scalars: '3' -> 3, '1e-3' -> 0.001, 'cuda' -> 'cuda'."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        return None
+    return value
+
+
+def resolve(params: Mapping[str, Any], notebook: str, root: Path | None = None) -> RunConfig:
+    """Validate a notebook's parameters and fill the ``None`` ones (see the module docstring).
+
+    Raises :class:`ConfigError` listing every unknown name, bad type, value out of range or
+    choice not allowed — all at once, so a papermill run fails with one readable message.
+    """
+    global _ACTIVE
+    root = root or project_root()
+    given = literal_parameters(params)
+    declared = list(load_preset(notebook, "quick", root))
+    if "profile" not in declared:
+        declared.insert(0, "profile")
+    problems: list[str] = []
+
+    for name in given:
+        if name not in declared:
+            hint = difflib.get_close_matches(name, declared, n=1)
+            problems.append(f"unknown parameter {name!r} for notebook {notebook!r}"
+                            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                            + f"; declared: {declared}")
+        elif name not in PARAMETERS:
+            problems.append(f"parameter {name!r} is declared by {notebook!r} but missing from "
+                            "fundus_lib.config.PARAMETERS (add its type and range there)")
+
+    values: dict[str, Any] = {name: given.get(name) for name in declared}
+    for name in declared:
+        env = os.environ.get(f"FUNDUS_{name.upper()}")
+        if values[name] is None and env is not None:
+            values[name] = _parse_env(env)
+
+    profile = values.get("profile")
+    if profile in PRESET_PROFILES:
+        preset = load_preset(notebook, profile, root)
+        for name in declared:
+            if values[name] is None:
+                values[name] = preset.get(name)
+    for name in declared:
+        spec = PARAMETERS.get(name)
+        if spec is not None:
+            if spec.kind is float and isinstance(values[name], int) and not isinstance(values[name], bool):
+                values[name] = float(values[name])
+            problems.extend(spec.problems(name, values[name]))
+
+    if problems:
+        raise ConfigError(f"invalid parameters for notebook {notebook!r}:\n  - " + "\n  - ".join(problems))
+    _ACTIVE = RunConfig(notebook=notebook, values=values, project_root=root)
+    return _ACTIVE

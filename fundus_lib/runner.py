@@ -1,0 +1,139 @@
+"""Execute the notebooks with papermill and summarise the run (``make run`` / ``make notebooks``).
+
+    python -m fundus_lib.runner --profile quick                 # -> runs/<timestamp>/, summary.md
+    python -m fundus_lib.runner --profile smoke --only 00 11    # a subset, by number prefix
+    python -m fundus_lib.runner --profile quick --in-place      # refresh the committed outputs
+
+Each notebook runs in its own kernel with ``profile`` injected (every other parameter falls back
+to ``configs/<notebook>/<profile>.yaml``). A failing notebook is reported by name with the
+failing cell's traceback; the others still run. The exit status is 1 when any notebook failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import nbformat
+
+from fundus_lib.config import PROFILES, project_root
+
+
+@dataclass
+class NotebookResult:
+    name: str
+    status: str
+    minutes: float
+    metrics: dict = field(default_factory=dict)
+    error: str = ""
+
+
+def discover(root: Path, only: list[str] | None = None) -> list[Path]:
+    """The numbered notebooks in ``notebooks/``, optionally filtered by name prefixes."""
+    notebooks = sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(prefix) for prefix in only)]
+        if not notebooks:
+            raise SystemExit(f"no notebook in {root / 'notebooks'} matches {only}")
+    return notebooks
+
+
+def strip_papermill_metadata(path: Path) -> None:
+    """Remove papermill's per-cell timing metadata so committed notebooks diff cleanly."""
+    notebook = nbformat.read(path, as_version=4)
+    notebook.metadata.pop("papermill", None)
+    for cell in notebook.cells:
+        cell.metadata.pop("papermill", None)
+        cell.metadata.pop("execution", None)
+    nbformat.write(notebook, path)
+
+
+def _summarise_metrics(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return {k: v["value"] for k, v in data.items() if not k.startswith("_") and isinstance(v["value"], (int, float))}
+
+
+def run_notebook(notebook: Path, out_dir: Path, profile: str, root: Path, inject: bool) -> NotebookResult:
+    """Execute one notebook into ``out_dir`` with papermill; never raises for a notebook failure."""
+    import papermill as pm
+
+    output = out_dir / notebook.name
+    sidecar = out_dir / f"{notebook.stem}.metrics.json"
+    sidecar.unlink(missing_ok=True)
+    env_before = {k: os.environ.get(k) for k in ("FUNDUS_METRICS_PATH", "FUNDUS_HOME", "MPLBACKEND")}
+    os.environ.update(FUNDUS_METRICS_PATH=str(sidecar), FUNDUS_HOME=str(root), MPLBACKEND="module://matplotlib_inline.backend_inline")
+    started = time.perf_counter()
+    try:
+        pm.execute_notebook(str(notebook), str(output), parameters={"profile": profile} if inject else {},
+                            cwd=str(notebook.parent), kernel_name="python3", progress_bar=False)
+        status, error = "ok", ""
+    except pm.PapermillExecutionError as failure:
+        status = "FAILED"
+        error = f"cell {failure.exec_count}: {failure.ename}: {failure.evalue}\n" + "\n".join(failure.traceback)
+    except Exception as failure:  # kernel death, missing kernel, unreadable notebook
+        status, error = "FAILED", f"{type(failure).__name__}: {failure}"
+    finally:
+        for key, value in env_before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    minutes = (time.perf_counter() - started) / 60
+    return NotebookResult(notebook.stem, status, minutes, _summarise_metrics(sidecar), error)
+
+
+def write_summary(results: list[NotebookResult], path: Path, profile: str) -> None:
+    """``summary.md``: one row per notebook with status, minutes and recorded metrics."""
+    lines = [f"# Notebook run — profile `{profile}`, {datetime.now():%Y-%m-%d %H:%M}", "",
+             "Numbers from the `smoke` and `quick` profiles are measured on the synthetic benchmark.", "",
+             "| notebook | status | minutes | recorded metrics |", "|---|---|---|---|"]
+    for result in results:
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
+        lines.append(f"| {result.name} | {result.status} | {result.minutes:.2f} | {metrics} |")
+    failures = [r for r in results if r.status != "ok"]
+    for result in failures:
+        lines += ["", f"## {result.name} failed", "", "```", result.error, "```"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="quick", choices=[p for p in PROFILES if p != "full"])
+    parser.add_argument("--only", nargs="*", help="notebook name prefixes, e.g. 00 11")
+    parser.add_argument("--in-place", action="store_true",
+                        help="replace the committed notebooks with their executed versions (quick profile only)")
+    args = parser.parse_args(argv)
+    if args.in_place and args.profile != "quick":
+        parser.error("--in-place is for the quick profile: committed notebooks carry quick-profile outputs")
+
+    root = project_root()
+    out_dir = root / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for notebook in discover(root, args.only):
+        print(f"running {notebook.name} ({args.profile}) ...", flush=True)
+        result = run_notebook(notebook, out_dir, args.profile, root, inject=not args.in_place)
+        print(f"  {result.status} in {result.minutes:.2f} min", flush=True)
+        if result.status != "ok":
+            print(f"  {notebook.name} failed at {result.error}", file=sys.stderr)
+        elif args.in_place:
+            executed = out_dir / notebook.name
+            strip_papermill_metadata(executed)
+            shutil.copyfile(executed, notebook)
+        results.append(result)
+    summary = out_dir / "summary.md"
+    write_summary(results, summary, args.profile)
+    print(f"summary: {summary}")
+    return 1 if any(r.status != "ok" for r in results) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

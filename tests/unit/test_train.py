@@ -1,0 +1,185 @@
+"""fundus_lib.train: the one training loop (learning, selection, checkpoints, resume, NaN, DDP)."""
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fundus_lib.train import NonFiniteLossError, evaluate, fit, load_checkpoint, predict
+
+
+class DictDataset(TensorDataset):
+    def __getitem__(self, index):
+        image, label = super().__getitem__(index)
+        return {"image": image, "label": label}
+
+
+class Net(nn.Module):
+    """A tiny classifier with dropout, so resume must restore RNG state to replay exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+
+    def forward(self, x):
+        return {"logits": self.body(x)}
+
+
+def cross_entropy(outputs, batch):
+    loss = nn.functional.cross_entropy(outputs["logits"], batch["label"])
+    return loss, {"ce": loss}
+
+
+def accuracy(outputs, targets):
+    return {"acc": float((outputs["logits"].argmax(1) == targets["label"]).mean())}
+
+
+def loaders(n=48, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=generator)
+    images = torch.randn(n, 3, 2, 2, generator=generator) * 0.5 + labels.view(-1, 1, 1, 1).float()
+    train = DataLoader(DictDataset(images, labels), batch_size=8, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))
+    val = DataLoader(DictDataset(images[:16], labels[:16]), batch_size=8)
+    return train, val
+
+
+def test_fit_learns_and_returns_a_history_table():
+    torch.manual_seed(0)
+    train, val = loaders()
+    history = fit(Net(), cross_entropy, train, val, epochs=6, lr=1e-2, metrics_fn=accuracy, device="cpu",
+                  progress=False)
+    for column in ("epoch", "train_loss", "train_ce", "val_loss", "val_ce", "val_acc", "lr", "seconds",
+                   "images_per_s"):
+        assert column in history.columns
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0] * 0.7
+    assert history["val_acc"].iloc[-1] > 0.6
+    assert history.attrs["monitor"] == "val_loss" and history.attrs["best_epoch"] is not None
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    def run(checkpoint_dir, epochs, resume=False, stop_after=None):
+        torch.manual_seed(0)
+        train, val = loaders()
+        model = Net()
+
+        def interrupt(epoch, row, model):
+            if epoch == stop_after:
+                raise KeyboardInterrupt
+
+        scheduler = lambda opt, steps: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        history = fit(model, cross_entropy, train, val, epochs=epochs, lr=1e-2, scheduler=scheduler,
+                      scheduler_interval="batch", device="cpu", checkpoint_dir=checkpoint_dir, resume=resume,
+                      restore_best=False, callbacks=[interrupt] if stop_after else [], progress=False)
+        return model, history
+
+    whole_model, whole_history = run(tmp_path / "whole", epochs=5)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "cut", epochs=5, stop_after=2)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    resumed_model, resumed_history = run(tmp_path / "cut", epochs=5, resume=True)
+    assert list(resumed_history["epoch"]) == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(resumed_history["train_loss"], whole_history["train_loss"])
+    for name, tensor in whole_model.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+
+
+def test_resume_true_without_checkpoint_is_an_error(tmp_path):
+    train, _ = loaders()
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        fit(Net(), cross_entropy, train, epochs=1, device="cpu", checkpoint_dir=tmp_path, resume=True,
+            progress=False)
+
+
+def test_non_finite_loss_names_epoch_and_batch_and_keeps_last_good_checkpoint(tmp_path):
+    calls = {"n": 0}
+    train, _ = loaders()  # 6 batches per epoch
+
+    def exploding(outputs, batch):
+        calls["n"] += 1
+        loss = nn.functional.cross_entropy(outputs["logits"], batch["label"])
+        return loss * float("nan") if calls["n"] == 6 + 3 else loss
+
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, batch 3.*last\.pt"):
+        fit(Net(), exploding, train, epochs=3, device="cpu", checkpoint_dir=tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1
+
+
+def test_early_stopping_and_best_checkpoint_use_the_validation_metric(tmp_path):
+    scores = iter([0.5, 0.8, 0.6, 0.7, 0.9, 0.95])
+    train, val = loaders()
+    model = Net()
+    history = fit(model, cross_entropy, train, val, epochs=6, metrics_fn=lambda o, t: {"score": next(scores)},
+                  monitor="val_score", early_stopping_patience=2, device="cpu", checkpoint_dir=tmp_path,
+                  progress=False)
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert history.attrs["best_epoch"] == 2 and history.attrs["stopped_early"]
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == 2
+    for name, tensor in model.state_dict().items():  # restore_best loaded the epoch-2 weights
+        assert torch.equal(tensor, best["model"][name])
+
+
+def test_model_selection_refuses_anything_but_validation_columns():
+    train, val = loaders()
+    with pytest.raises(ValueError, match="validation column"):
+        fit(Net(), cross_entropy, train, val, epochs=1, monitor="test_acc", device="cpu", progress=False)
+    with pytest.raises(ValueError, match="needs a val_loader"):
+        fit(Net(), cross_entropy, train, None, epochs=1, monitor="val_acc", device="cpu", progress=False)
+
+
+def test_gradient_clipping_bounds_the_update():
+    torch.manual_seed(0)
+    train, _ = loaders(n=8)
+    model = Net()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    fit(model, cross_entropy, train, epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        grad_clip_norm=1e-3, device="cpu", progress=False)
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    assert 0 < torch.linalg.vector_norm(after - before) <= 1e-3 + 1e-9
+
+
+def test_epoch_scheduler_steps_once_per_epoch_and_history_shows_the_lr_each_epoch_used():
+    train, _ = loaders()
+    scheduler = lambda opt, steps: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    history = fit(Net(), cross_entropy, train, epochs=3, lr=0.1, scheduler=scheduler, device="cpu", progress=False)
+    np.testing.assert_allclose(history["lr"], [0.1, 0.05, 0.025])
+
+
+def test_predict_and_evaluate_return_numpy_and_floats():
+    train, val = loaders()
+    model = Net()
+    outputs, targets = predict(model, val, device="cpu", progress=False)
+    assert outputs["logits"].shape == (16, 3) and isinstance(outputs["logits"], np.ndarray)
+    assert targets["label"].shape == (16,) and "image" not in targets
+    results = evaluate(model, val, loss_fn=cross_entropy, metrics_fn=accuracy, device="cpu", progress=False)
+    assert set(results) == {"loss", "ce", "acc"} and all(isinstance(v, float) for v in results.values())
+    expected = float(nn.functional.cross_entropy(torch.from_numpy(outputs["logits"]),
+                                                 torch.from_numpy(targets["label"])))
+    assert results["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_matches_one_process_on_the_same_global_batch(tmp_path):
+    script = Path(__file__).with_name("ddp_fit_script.py")
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={_free_port()}", "--master_addr=127.0.0.1", str(script),
+                             str(tmp_path / "two.pt")], capture_output=True, text=True, timeout=240)
+    assert double.returncode == 0, double.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-5)
+    for name, tensor in one["model"].items():
+        torch.testing.assert_close(two["model"][name], tensor, rtol=1e-5, atol=1e-6)
