@@ -119,9 +119,15 @@ PARAMETERS: dict[str, Param] = {
     "repeats": Param(int, "independent seeds per configuration (error bars)", 1, 50),
     "lam": Param(float, "weight of the auxiliary / classification loss term", 0.0, 1.0),
     "lambdas": Param(list, "lambda values of a sweep", 0.0, 1.0),
-    "domain": Param(str, "synthetic camera domain", choices=("A", "B", "C", "lowq")),
-    "difficulty": Param(float, "synthetic lesion difficulty: 0 easy .. 1 hard", 0.0, 1.0),
+    "domain": Param(str, "synthetic camera domain", choices=("cam_a", "cam_b", "cam_c", "low_quality")),
+    "difficulty": Param(float, "synthetic lesion difficulty: 0 easy .. 1 hard (smaller, fainter)", 0.0, 1.0),
     "interactive": Param(bool, "build ipywidgets explorers (off in CI)"),
+    "patience": Param(int, "early-stopping patience in epochs (validation split only)", 1, 10_000),
+    "seg_epochs": Param(int, "epochs of the segmentation (L-Net) stage", 1, 100_000),
+    "grade_epochs": Param(int, "epochs of the grading (SiAN / classifier) stage", 1, 100_000),
+    "seg_image_size": Param(int, "input side of the segmentation network, in pixels", 75, 4096),
+    "variants": Param(list, "L-Net variants to compare", choices=("32s", "16s", "8s", "4s", "2s")),
+    "losses": Param(list, "segmentation losses to compare", choices=("wce", "focal", "dice", "dual")),
 }
 
 

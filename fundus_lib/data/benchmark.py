@@ -1,0 +1,118 @@
+"""From a notebook's configuration to data: one call for the manifest, one for the loaders.
+
+* :func:`load_dataset` returns a manifest with train / val / test splits: the synthetic benchmark
+  (generated once into ``data/generated/synthetic/<key>`` and reused) or a real dataset read by
+  its source, given a validation split carved from its training images when it has none, cropped
+  to its field of view and cached at the run's image size under ``data/generated/cache/<dataset>-<size>``.
+* :func:`make_loaders` wraps :class:`~fundus_lib.data.datasets.FundusDataset` in seeded
+  DataLoaders: augmentation for training, deterministic resizing for validation and test.
+
+Notebooks call these two so that every paper notebook reads its data the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from fundus_lib.config import RunConfig
+from fundus_lib.data.datasets import FundusDataset
+from fundus_lib.data.manifest import SPLITS, make_manifest
+from fundus_lib.data.transforms import eval_transform, train_transform
+from fundus_lib.utils import default_num_workers, seed_everything, seed_worker
+
+#: Share of an official training set held out for validation when a dataset has no val split.
+VALIDATION_SHARE = 0.15
+
+
+def split_seed(seed: int, split: str) -> int:
+    """A distinct, reproducible generator seed per split, derived from the run seed."""
+    return int(np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(1)[0])
+
+
+def synthetic_benchmark(n_train: int, n_val: int, n_test: int, image_size: int, seed: int, *,
+                        root: str | Path, domain: str = "cam_a", difficulty: float = 0.0) -> pd.DataFrame:
+    """The synthetic benchmark's train / val / test manifest, generating each split once.
+
+    Each split is written by :func:`fundus_lib.data.synthetic.write_dataset` into
+    ``root/<key>/<split>`` (the key encodes every parameter, so a different size or seed never
+    reuses stale images) with its own seed, and read back by the synthetic source.
+    """
+    from fundus_lib.data.sources.synthetic import load_synthetic
+    from fundus_lib.data.synthetic import write_dataset
+
+    key = f"{domain}-{image_size}px-d{difficulty:g}-seed{seed}-{n_train}-{n_val}-{n_test}"
+    parts = []
+    for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
+        folder = Path(root) / key / split
+        if not (folder / "labels.csv").is_file():
+            write_dataset(folder, n=count, size=image_size, seed=split_seed(seed, split), domain=domain,
+                          difficulty=difficulty)
+        part = load_synthetic(folder)
+        part["image_id"] = split + "/" + part["image_id"].astype(str)
+        part["split"] = split
+        parts.append(part)
+    return make_manifest(pd.concat(parts, ignore_index=True))
+
+
+def load_dataset(cfg: RunConfig) -> pd.DataFrame:
+    """The manifest a notebook trains and evaluates on, as its configuration asks.
+
+    Synthetic (``dataset="synthetic"`` or no ``dataset`` parameter): :func:`synthetic_benchmark`
+    with ``n_train / n_val / n_test / image_size / seed`` (and ``domain`` / ``difficulty`` when
+    the notebook declares them). Real: the source named by ``dataset`` reads ``data_dir``; rows
+    without a split are divided train / val / test, a missing val split is carved from train
+    (grouped by patient, stratified by DR grade), then images are cached at ``image_size``.
+    """
+    values = cfg.as_dict()
+    if cfg.is_synthetic:
+        return synthetic_benchmark(cfg.n_train, cfg.n_val, cfg.n_test, cfg.image_size, cfg.seed,
+                                   root=cfg.generated_dir / "synthetic", domain=values.get("domain") or "cam_a",
+                                   difficulty=values.get("difficulty") or 0.0)
+    from fundus_lib.data.cache import build_cache
+    from fundus_lib.data.sources import load_source
+    from fundus_lib.data.splits import assign_splits
+    from fundus_lib.preprocess import fov_crop_box
+
+    if not values.get("data_dir"):
+        raise ValueError(f"dataset={cfg.dataset!r} needs data_dir (the folder of the official download; "
+                         "see data/README.md), or set FUNDUS_DATA_DIR")
+    manifest = load_source(cfg.dataset, cfg.data_dir)
+    if manifest["split"].isna().all():
+        manifest = assign_splits(manifest, val=VALIDATION_SHARE, test=VALIDATION_SHARE, seed=cfg.seed)
+    elif not (manifest["split"] == "val").any():
+        manifest = assign_splits(manifest, val=VALIDATION_SHARE, test=0.0, seed=cfg.seed, source_split="train")
+    # Crop to the square around the field of view first, so a 3:2 photograph is not stretched.
+    return build_cache(manifest, cfg.generated_dir / "cache" / f"{cfg.dataset}-{cfg.image_size}", cfg.image_size,
+                       crop_box=fov_crop_box)
+
+
+def make_loaders(manifest: pd.DataFrame, tasks: Sequence[str], *, image_size: int, batch_size: int,
+                 num_workers: int | None = None, seed: int = 0, augment: bool = True,
+                 splits: Sequence[str] = SPLITS) -> dict[str, DataLoader]:
+    """One DataLoader per split present in ``manifest``, yielding the requested ``tasks``.
+
+    Training shuffles with a generator seeded from ``seed`` and uses the augmentation of
+    :func:`~fundus_lib.data.transforms.train_transform` (``augment=False``: plain resizing);
+    validation and test are deterministic and never dropped or shuffled.
+    """
+    generator = seed_everything(seed)
+    workers = default_num_workers(num_workers)
+    loaders: dict[str, DataLoader] = {}
+    for split in splits:
+        part = manifest[manifest["split"] == split].reset_index(drop=True)
+        if part.empty:
+            continue
+        training = split == "train"
+        transform = train_transform(image_size) if training and augment else eval_transform(image_size)
+        dataset = FundusDataset(part, tasks=tasks, transform=transform, image_size=image_size)
+        loaders[split] = DataLoader(dataset, batch_size=batch_size, shuffle=training, drop_last=False,
+                                    num_workers=workers, worker_init_fn=seed_worker,
+                                    generator=generator if training else None,
+                                    persistent_workers=workers > 0)
+    if "train" in splits and "train" not in loaders:
+        raise ValueError("the manifest has no 'train' rows; check its split column")
+    return loaders

@@ -1,0 +1,218 @@
+"""Helpers shared by the dataset sources: checked file access, label tables, grade columns,
+case-insensitive image look-up, lesion columns and cheap image checks.
+
+Every helper raises :class:`~fundus_lib.data.manifest.ManifestError` with a message that starts
+with the dataset name and names the file, folder, column or line that is wrong, so a user who
+points a notebook at a half-unpacked download learns at once what is missing.
+"""
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from fundus_lib.data.manifest import LESIONS, ManifestError, read_mask
+
+#: File suffixes accepted as images (and as lossy copies of mask files), compared lower-case.
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+_KAGGLE_NAME = re.compile(r"^(\d+)_(left|right)$")
+
+
+def require_dir(path: Path, dataset: str, what: str) -> Path:
+    """Return ``path`` if it is a folder, else raise naming it and what it should hold."""
+    if not path.is_dir():
+        raise ManifestError(f"{dataset}: {what} folder not found: {path}")
+    return path
+
+
+def require_file(path: Path, dataset: str, what: str) -> Path:
+    """Return ``path`` if it is a file, else raise naming it and what it should be."""
+    if not path.is_file():
+        raise ManifestError(f"{dataset}: {what} not found: {path}")
+    return path
+
+
+def _normalise(name: object) -> str:
+    """Column-name key that ignores case and whitespace ('Risk of macular edema ' -> 'riskofmacularedema')."""
+    return re.sub(r"\s+", "", str(name)).lower()
+
+
+def select_columns(frame: pd.DataFrame, columns: Mapping[str, str], *, dataset: str, what: str,
+                   path: Path, optional: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Keep the ``columns`` (canonical key -> official header) of a label table, renamed to the keys.
+
+    Headers match ignoring case and whitespace, which absorbs the official quirks (IDRiD's
+    trailing space in ``'Risk of macular edema '``). Rows that are entirely empty (the trailing
+    blank rows of the IDRiD sheets) are dropped; unnamed empty columns are simply not selected.
+    String cells are stripped. ``optional`` columns are kept when present.
+    """
+    by_key = {_normalise(column): column for column in frame.columns}
+    selected: dict[str, object] = {}
+    for key, official in columns.items():
+        if _normalise(official) not in by_key:
+            found = [str(c) for c in frame.columns if not str(c).startswith("Unnamed")]
+            raise ManifestError(f"{dataset}: {what} {path} lacks column {official!r} (found {found})")
+        selected[key] = by_key[_normalise(official)]
+    for key, official in (optional or {}).items():
+        if _normalise(official) in by_key:
+            selected[key] = by_key[_normalise(official)]
+    table = frame[list(selected.values())].copy()
+    table.columns = list(selected)
+    for column in table.columns:
+        if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
+            table[column] = table[column].astype("string").str.strip().replace("", pd.NA)
+    return table.dropna(how="all").reset_index(drop=True)
+
+
+def read_csv_table(path: Path, columns: Mapping[str, str], *, dataset: str, what: str,
+                   optional: Mapping[str, str] | None = None, sep: str = ",") -> pd.DataFrame:
+    """Read a label CSV (BOM tolerated, every cell as text) and :func:`select_columns` from it."""
+    require_file(path, dataset, what)
+    try:
+        frame = pd.read_csv(path, sep=sep, dtype=str, encoding="utf-8-sig", skip_blank_lines=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise ManifestError(f"{dataset}: cannot parse {what} {path}: {error}") from error
+    return select_columns(frame, columns, dataset=dataset, what=what, path=path, optional=optional)
+
+
+def read_xls_table(path: Path, columns: Mapping[str, str], *, dataset: str, what: str) -> pd.DataFrame:
+    """Read the first sheet of an Excel 97-2003 ``.xls`` workbook (first row = header) with xlrd.
+
+    xlrd is called directly because pandas deprecates its xlrd engine; numbers come back as floats.
+    """
+    import xlrd  # only the Messidor source needs it
+
+    require_file(path, dataset, what)
+    try:
+        with xlrd.open_workbook(str(path), on_demand=True) as book:
+            sheet = book.sheet_by_index(0)
+            values = [sheet.row_values(i) for i in range(sheet.nrows)]
+    except (xlrd.XLRDError, xlrd.compdoc.CompDocError) as error:
+        raise ManifestError(f"{dataset}: cannot read {what} {path} as an .xls workbook: {error}") from error
+    if not values:
+        raise ManifestError(f"{dataset}: {what} {path} is empty")
+    header = [str(value) for value in values[0]]
+    rows = [[pd.NA if value == "" else value for value in row] for row in values[1:]]
+    frame = pd.DataFrame(rows, columns=header, dtype=object)
+    return select_columns(frame, columns, dataset=dataset, what=what, path=path)
+
+
+def grade_column(values: pd.Series, *, low: int, high: int, dataset: str, column: str, path: Path,
+                 names: pd.Series, allow_missing: bool = False) -> pd.Series:
+    """Parse a grade column to nullable integers in ``low..high``; raise naming bad rows.
+
+    Numbers stored as floats (``2.0`` from .xls sheets) are accepted when integral. Missing
+    values raise unless ``allow_missing``.
+    """
+    numbers = pd.to_numeric(values, errors="coerce")
+    missing = values.isna()
+    bad = (~missing & (numbers.isna() | (numbers % 1 != 0) | (numbers < low) | (numbers > high)))
+    if not allow_missing:
+        bad |= missing
+    if bad.any():
+        examples = [f"{name}: {value!r}" for name, value in zip(names[bad][:5], values[bad][:5])]
+        raise ManifestError(f"{dataset}: column {column!r} of {path} must hold integers {low}..{high}"
+                            f"{'' if allow_missing else ' (no blanks)'}; bad rows: {examples}")
+    return numbers.astype("Int64")
+
+
+def stem_of(name: str) -> str:
+    """File stem of a listed image name; names without an image suffix are returned as they are."""
+    path = Path(name)
+    return path.stem if path.suffix.lower() in IMAGE_SUFFIXES else name
+
+
+def index_by_stem(folder: Path, dataset: str, suffixes: Iterable[str] = IMAGE_SUFFIXES) -> dict[str, Path]:
+    """Map lower-case file stem -> path for the files in ``folder`` with one of ``suffixes``.
+
+    Look-ups ignore case and extension (Messidor-2 lists ``IM000013.jpg`` for ``IM000013.JPG``).
+    Two files with the same stem (``a.png`` and ``a.jpg``) are ambiguous and raise.
+    """
+    allowed = {suffix.lower() for suffix in suffixes}
+    index: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() not in allowed or not path.is_file():
+            continue
+        key = path.stem.lower()
+        if key in index:
+            raise ManifestError(f"{dataset}: two files share the name {path.stem!r} in {folder}: "
+                                f"{index[key].name}, {path.name}")
+        index[key] = path.resolve()
+    return index
+
+
+def find_image(index: Mapping[str, Path], name: str, folder: Path, *, dataset: str, listed_in: Path) -> Path:
+    """The file for a listed image ``name`` (stem match, case-insensitive), or raise naming it."""
+    path = index.get(stem_of(name).lower())
+    if path is None:
+        raise ManifestError(f"{dataset}: image listed in {listed_in} but missing on disk: {folder / name}")
+    return path
+
+
+def kaggle_name(name: str, *, dataset: str, where: Path) -> tuple[str, str]:
+    """Split a Kaggle-2015 image name ``<patient>_<left|right>`` into (patient, eye)."""
+    match = _KAGGLE_NAME.match(stem_of(name))
+    if match is None:
+        raise ManifestError(f"{dataset}: image name {name!r} in {where} is not of the form "
+                            "'<patient number>_<left|right>'")
+    return match.group(1), match.group(2)
+
+
+def lesion_fields(masks: Mapping[str, Path | None], presence: Mapping[str, int] | None = None) -> dict[str, object]:
+    """``mask_<L>`` and ``lesion_<L>`` entries for all of :data:`LESIONS`.
+
+    Lesions in ``masks`` are annotated by the dataset: a path, or None for "annotated but
+    absent" (no mask file). Their presence is ``presence[L]`` when given, else 1 where a mask
+    file exists. Lesions not in ``masks`` are not annotated: both entries are NA.
+    """
+    unknown = set(masks) - set(LESIONS)
+    if unknown:
+        raise ValueError(f"lesion_fields: unknown lesions {sorted(unknown)}; expected some of {LESIONS}")
+    row: dict[str, object] = {}
+    for lesion in LESIONS:
+        if lesion in masks:
+            path = masks[lesion]
+            row[f"mask_{lesion}"] = pd.NA if path is None else str(path)
+            row[f"lesion_{lesion}"] = presence[lesion] if presence is not None else int(path is not None)
+        else:
+            row[f"mask_{lesion}"] = pd.NA
+            row[f"lesion_{lesion}"] = pd.NA
+    return row
+
+
+def presence_from_masks(masks: Mapping[str, Path | None], rule: str) -> dict[str, int]:
+    """Image-level presence per annotated lesion: 1 where the mask, binarised by ``rule``, has a pixel.
+
+    Needed where a mask file exists for every image even when it is empty (DDR) or may hold only
+    excluded pixels (Retinal-Lesions value 127). Reads each mask once.
+    """
+    return {lesion: int(path is not None and bool(read_mask(path, rule).any())) for lesion, path in masks.items()}
+
+
+def image_problem(path: Path, black_level: int = 10) -> str | None:
+    """Why an image is unusable ("unreadable: ..." or "black"), or None when it is fine.
+
+    Cheap: JPEGs are decoded at 1/8 scale (PIL draft mode) in greyscale; an image is black when
+    no pixel exceeds ``black_level``.
+    """
+    try:
+        with Image.open(path) as handle:
+            handle.draft("L", (max(1, handle.width // 8), max(1, handle.height // 8)))
+            grey = np.asarray(handle.convert("L"))
+    except Exception as error:  # PIL raises several unrelated types for corrupt files
+        return f"unreadable: {error}"
+    return "black" if int(grey.max()) <= black_level else None
+
+
+def image_problems(paths: Iterable[Path], black_level: int = 10) -> list[str | None]:
+    """:func:`image_problem` for many images, decoded in threads (PIL releases the GIL while decoding)."""
+    workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda path: image_problem(path, black_level), paths))
