@@ -52,7 +52,10 @@ def synthetic_benchmark(n_train: int, n_val: int, n_test: int, image_size: int, 
             write_dataset(folder, n=count, size=image_size, seed=split_seed(seed, split), domain=domain,
                           difficulty=difficulty)
         part = load_synthetic(folder)
-        part["image_id"] = split + "/" + part["image_id"].astype(str)
+        # Every split is its own draw (own seed) with ids restarting at 0: prefix them so each
+        # image and each synthetic "patient" is unique across splits.
+        for column in ("image_id", "patient_id"):
+            part[column] = split + "/" + part[column].astype(str)
         part["split"] = split
         parts.append(part)
     return make_manifest(pd.concat(parts, ignore_index=True))

@@ -140,28 +140,32 @@ def validate_manifest(manifest: pd.DataFrame, *, check_files: bool = False) -> p
     return manifest
 
 
+def _load_array(path: str | Path, what: str) -> np.ndarray:
+    """The pixels of an image file, or a :class:`ManifestError` naming the missing/unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{what} file not found: {path}")
+    try:
+        with Image.open(path) as handle:
+            return np.asarray(handle)
+    except Exception as error:  # PIL raises several unrelated types for corrupt files
+        raise ManifestError(f"cannot read {what} {path}: {error}") from error
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read a colour fundus photograph as an (H, W, 3) uint8 RGB array.
 
     Greyscale images are repeated to three channels, an alpha channel is dropped, and 16-bit
-    images are scaled to 8 bits. Raises :class:`ManifestError` naming the file when it is
-    missing or unreadable.
+    images are scaled to 8 bits (:func:`fundus_lib.preprocess.to_rgb_uint8`). Raises
+    :class:`ManifestError` naming the file when it is missing, unreadable or of an unusable kind.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"image file not found: {path}")
+    from fundus_lib.preprocess import to_rgb_uint8
+
+    array = _load_array(path, "image")
     try:
-        with Image.open(path) as handle:
-            array = np.asarray(handle)
-    except Exception as error:  # PIL raises several unrelated types for corrupt files
-        raise ManifestError(f"cannot read image {path}: {error}") from error
-    if array.dtype == np.uint16 or array.dtype == np.int32:
-        array = (array.astype(np.float32) / max(float(array.max()), 1.0) * 255.0).round().astype(np.uint8)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.shape[2] == 4:
-        array = array[..., :3]
-    return np.ascontiguousarray(array.astype(np.uint8, copy=False))
+        return to_rgb_uint8(array)
+    except ValueError as error:
+        raise ManifestError(f"image {path}: {error}") from error
 
 
 def read_mask(path: str | Path | None, rule: str = "nonzero", shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -179,13 +183,7 @@ def read_mask(path: str | Path | None, rule: str = "nonzero", shape: tuple[int, 
     if rule not in MASK_RULES:
         raise ManifestError(f"mask rule {rule!r} unknown; expected one of {MASK_RULES}")
     path = Path(path)
-    if not path.is_file():
-        raise ManifestError(f"mask file not found: {path}")
-    try:
-        with Image.open(path) as handle:
-            array = np.asarray(handle)
-    except Exception as error:
-        raise ManifestError(f"cannot read mask {path}: {error}") from error
+    array = _load_array(path, "mask")
     if array.ndim == 3:
         array = array[..., :3].max(axis=2)
     if rule == "value255":

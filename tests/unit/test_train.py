@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from fundus_lib.train import NonFiniteLossError, evaluate, fit, load_checkpoint, predict
-
-
-class DictDataset(TensorDataset):
-    def __getitem__(self, index):
-        image, label = super().__getitem__(index)
-        return {"image": image, "label": label}
+from tests.unit.ddp_fit_script import DictDataset
 
 
 class Net(nn.Module):

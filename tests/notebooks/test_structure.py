@@ -1,0 +1,93 @@
+"""Every notebook follows the course conventions (see DESIGN.md, "Notebooks")."""
+import ast
+import re
+
+import yaml
+
+from tests.notebooks.conftest import NOTEBOOKS, ROOT, notebook_params, parameters_cells, read
+
+MAX_BYTES = 2 * 1024 * 1024
+DEVICE_LITERAL = re.compile(r"""(["'](cuda(:\d+)?|cpu|mps)["'])|\.cuda\(\)""")
+ABSOLUTE_PATH = re.compile(r"""["'](/(home|Users|tmp|work|data|mnt|root)\b[^"']*|[A-Za-z]:\\\\[^"']*)["']""")
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no numbered notebooks found in notebooks/"
+
+
+def _literal(node: ast.AST) -> bool:
+    try:
+        ast.literal_eval(node)
+        return True
+    except ValueError:
+        return False
+
+
+@notebook_params()
+def test_one_parameters_cell_of_literal_assignments(notebook):
+    cells = parameters_cells(read(notebook))
+    assert len(cells) == 1, f"{notebook.name}: expected exactly one cell tagged 'parameters', found {len(cells)}"
+    tree = ast.parse(cells[0].source)
+    assert tree.body, f"{notebook.name}: the parameters cell is empty"
+    for statement in tree.body:
+        assert isinstance(statement, ast.Assign) and len(statement.targets) == 1 \
+            and isinstance(statement.targets[0], ast.Name) and _literal(statement.value), \
+            f"{notebook.name}: parameters cell line {statement.lineno} is not `name = literal`"
+    names = [s.targets[0].id for s in tree.body]
+    assert "profile" in names, f"{notebook.name}: the parameters cell must set `profile`"
+
+
+@notebook_params()
+def test_parameters_match_the_presets(notebook):
+    names = {s.targets[0].id for s in ast.parse(parameters_cells(read(notebook))[0].source).body}
+    for profile in ("smoke", "quick"):
+        preset = ROOT / "configs" / notebook.stem / f"{profile}.yaml"
+        assert preset.is_file(), f"missing preset {preset}"
+        keys = set(yaml.safe_load(preset.read_text()))
+        assert keys == names, f"{preset.name} keys differ from the parameters cell: {sorted(keys ^ names)}"
+
+
+@notebook_params()
+def test_resolve_follows_the_parameters_cell(notebook):
+    nb = read(notebook)
+    index = nb.cells.index(parameters_cells(nb)[0])
+    following = next(c for c in nb.cells[index + 1:] if c.cell_type == "code")
+    assert f'resolve(globals(), notebook="{notebook.stem}")' in following.source, \
+        f"{notebook.name}: the cell after the parameters must call resolve(globals(), notebook=...)"
+
+
+@notebook_params()
+def test_opening_and_closing_sections(notebook):
+    markdown = [c.source for c in read(notebook).cells if c.cell_type == "markdown"]
+    assert markdown and markdown[0].lstrip().startswith("# "), f"{notebook.name}: first cell must be a # title"
+    opening = "\n".join(markdown[:3]).lower()
+    for fragment in ("what you will learn", "prerequisites", "run time"):
+        assert fragment in opening, f"{notebook.name}: opening lacks '{fragment}'"
+    headings = [line.strip().lower() for text in markdown for line in text.splitlines() if line.startswith("#")]
+    for section in ("summary", "exercises", "references"):
+        assert any(section in h for h in headings), f"{notebook.name}: no '{section}' section"
+
+
+@notebook_params()
+def test_committed_notebook_is_executed_small_and_records_results(notebook):
+    assert notebook.stat().st_size < MAX_BYTES, f"{notebook.name} is {notebook.stat().st_size} bytes (limit 2 MB)"
+    nb = read(notebook)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    unexecuted = [i for i, c in enumerate(code) if c.source.strip() and c.execution_count is None]
+    assert not unexecuted, f"{notebook.name}: code cells {unexecuted} carry no output; run `make notebooks`"
+    errors = [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert not errors, f"{notebook.name}: committed outputs contain an error"
+    assert any("record(" in c.source for c in code), f"{notebook.name}: no cell records results"
+    profile_cell = parameters_cells(nb)[0].source
+    assert re.search(r"""^profile\s*=\s*["']quick["']""", profile_cell, re.M), \
+        f"{notebook.name}: committed notebooks default to (and carry outputs of) the quick profile"
+
+
+@notebook_params()
+def test_no_hard_coded_devices_or_absolute_paths(notebook):
+    for index, cell in enumerate(read(notebook).cells):
+        if cell.cell_type != "code":
+            continue
+        source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith("#"))
+        assert not DEVICE_LITERAL.search(source), f"{notebook.name} cell {index}: hard-coded device"
+        assert not ABSOLUTE_PATH.search(source), f"{notebook.name} cell {index}: absolute path"
