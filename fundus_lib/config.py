@@ -206,14 +206,16 @@ def load_preset(notebook: str, profile: str, root: Path | None = None) -> dict[s
 
 
 def literal_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
-    """The literal-valued, public names of a namespace (a notebook's ``globals()``).
+    """The literal-valued, public, lower-case names of a namespace (a notebook's ``globals()``).
 
-    Modules, functions, classes and IPython's own names are skipped, so calling
-    ``resolve(globals(), ...)`` right after the parameters cell sees exactly the parameters.
+    Modules, functions, classes, IPython's own names and UPPER_CASE constants (e.g. an imported
+    ``LESIONS``) are skipped, so calling ``resolve(globals(), ...)`` right after the parameters cell
+    sees exactly the parameters (which are lower_case by convention).
     """
     return {
         name: value for name, value in namespace.items()
-        if not name.startswith("_") and name not in _IPYTHON_NAMES and isinstance(value, _LITERAL_TYPES)
+        if not name.startswith("_") and name not in _IPYTHON_NAMES and not name.isupper()
+        and isinstance(value, _LITERAL_TYPES)
     }
 
 

@@ -50,9 +50,23 @@ lesion_colors: dict[str, tuple[float, float, float]] = {
 }
 
 
-def set_style() -> None:
+def set_style(figure_format: str = "png") -> None:
     """Apply the course's figure style (seaborn "whitegrid", colour-blind palette, readable
-    sizes). Calling it again is harmless."""
+    sizes). Calling it again is harmless.
+
+    Inside IPython / Jupyter it also registers the display formatter for matplotlib figures in
+    ``figure_format`` ("png", or "jpeg" for notebooks with many photographs, to keep them small):
+    the functions of this module build figures without pyplot, and a figure returned as a cell's
+    last value is then shown inline (no ``plt.show()``, no figure left open in pyplot).
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:  # plain Python: nothing to register
+        get_ipython = lambda: None  # noqa: E731
+    if get_ipython() is not None:
+        from matplotlib_inline.backend_inline import set_matplotlib_formats
+
+        set_matplotlib_formats(figure_format)
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind", rc={
         "figure.dpi": 100,
         "savefig.dpi": 150,

@@ -72,9 +72,10 @@ def test_full_profile_has_no_preset_so_every_value_must_be_given(project):
         resolve(params(profile="full", seed=0, device="cuda", image_size=224, lr=3e-4), "99_demo", root=project)
 
 
-def test_literal_parameters_ignores_modules_functions_and_private_names():
+def test_literal_parameters_ignores_modules_functions_constants_and_private_names():
     import math
-    namespace = {"math": math, "f": print, "_hidden": 1, "In": [], "epochs": 3, "name": "x", "sizes": [1, 2]}
+    namespace = {"math": math, "f": print, "_hidden": 1, "In": [], "LESIONS": ("MA",), "epochs": 3, "name": "x",
+                 "sizes": [1, 2]}
     assert literal_parameters(namespace) == {"epochs": 3, "name": "x", "sizes": [1, 2]}
 
 

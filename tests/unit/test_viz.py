@@ -2,6 +2,8 @@
 inputs raise clear errors."""
 from __future__ import annotations
 
+import base64
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -259,3 +261,19 @@ def test_single_panel_functions_draw_into_a_given_axes() -> None:
     assert viz.overlay(IMAGE, np.ones((4, 4)), ax=left) is fig
     assert viz.confusion_matrix_plot(np.eye(2, dtype=int), ax=right) is fig
     assert len(fig.axes) == 2 and len(left.images) == 1
+
+
+def test_set_style_registers_inline_display_of_figures_in_ipython() -> None:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        viz.set_style(figure_format="jpeg")
+        jpeg = shell.display_formatter.formatters["image/jpeg"]
+        fig = viz.image_grid([np.zeros((4, 4, 3))])
+        assert jpeg.lookup_by_type(type(fig)) is not None
+        data = jpeg(fig)  # IPython may hand back the bytes base64-encoded
+        raw = base64.b64decode(data) if isinstance(data, str) else data
+        assert raw[:2] == b"\xff\xd8"  # a JPEG stream
+    finally:
+        InteractiveShell.clear_instance()
