@@ -421,8 +421,12 @@ def graham(image: np.ndarray, radius: float | None = None, sigma_fraction: float
         fov = detect_fov(rgb)
     if fov is not None:
         _check_fov(fov, rgb)
+        # The blur bleeds the black surround inward at a flat cut exactly as at the rim, so a cut
+        # is pulled in by the same margin as the circle; otherwise a bright band remains there.
+        margin = (1.0 - mask_fraction) * fov.radius
         keep = make_fov(fov.centre_x, fov.centre_y, fov.radius * mask_fraction, fov.shape,
-                        top=fov.top, bottom=fov.bottom).mask
+                        top=None if fov.top is None else int(np.ceil(fov.top + margin)),
+                        bottom=None if fov.bottom is None else int(np.floor(fov.bottom - margin))).mask
         radius = fov.radius
     else:
         if radius <= 0:
