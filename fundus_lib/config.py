@@ -102,9 +102,9 @@ PARAMETERS: dict[str, Param] = {
     "output_dir": Param(str, "where checkpoints and figures go; None = runs/<notebook>", nullable=True),
     "image_size": Param(int, "side of the square network input, in pixels", 32, 4096),
     "preview_size": Param(int, "side of images shown in figures, in pixels", 32, 4096),
-    "n_train": Param(int, "synthetic training images", 1, 1_000_000),
-    "n_val": Param(int, "synthetic validation images", 1, 1_000_000),
-    "n_test": Param(int, "synthetic test images", 1, 1_000_000),
+    "n_train": Param(int, "synthetic training images (None for a real dataset)", 1, 1_000_000, nullable=True),
+    "n_val": Param(int, "synthetic validation images (None for a real dataset)", 1, 1_000_000, nullable=True),
+    "n_test": Param(int, "synthetic test images (None for a real dataset)", 1, 1_000_000, nullable=True),
     "n_images": Param(int, "images generated for a gallery or statistics", 1, 1_000_000),
     "epochs": Param(int, "training epochs", 1, 100_000),
     "batch_size": Param(int, "mini-batch size", 1, 4096),
@@ -117,7 +117,7 @@ PARAMETERS: dict[str, Param] = {
     "n_dr_classes": Param(int, "DR classes: 2 (referable) or 5 (ICDR grades)", choices=(2, 5)),
     "folds": Param(int, "cross-validation folds", 2, 20),
     "repeats": Param(int, "independent seeds per configuration (error bars)", 1, 50),
-    "lam": Param(float, "weight of the auxiliary / classification loss term", 0.0, 1.0),
+    "lam": Param(float, "loss weight lambda: CANet Eq. 7 auxiliary heads; L-Net Eq. 2 segmentation term", 0.0, 1.0),
     "lambdas": Param(list, "lambda values of a sweep", 0.0, 1.0),
     "domain": Param(str, "synthetic camera domain", choices=("cam_a", "cam_b", "cam_c", "low_quality")),
     "difficulty": Param(float, "synthetic lesion difficulty: 0 easy .. 1 hard (smaller, fainter)", 0.0, 1.0),
@@ -128,6 +128,9 @@ PARAMETERS: dict[str, Param] = {
     "seg_image_size": Param(int, "input side of the segmentation network, in pixels", 75, 4096),
     "variants": Param(list, "L-Net variants to compare", choices=("32s", "16s", "8s", "4s", "2s")),
     "losses": Param(list, "segmentation losses to compare", choices=("wce", "focal", "dice", "dual")),
+    "paper_schedule": Param(bool, "train with the paper's optimiser, lr-drop rule and augmentation "
+                                  "(else a short CPU schedule)"),
+    "run_ablation": Param(bool, "train the attention / fusion ablation (Table 7 of L-Net/SiAN)"),
 }
 
 

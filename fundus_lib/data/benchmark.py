@@ -72,6 +72,9 @@ def load_dataset(cfg: RunConfig) -> pd.DataFrame:
     """
     values = cfg.as_dict()
     if cfg.is_synthetic:
+        missing = [name for name in ("n_train", "n_val", "n_test") if values.get(name) is None]
+        if missing:
+            raise ValueError(f"the synthetic benchmark needs {missing} (image counts per split)")
         return synthetic_benchmark(cfg.n_train, cfg.n_val, cfg.n_test, cfg.image_size, cfg.seed,
                                    root=cfg.generated_dir / "synthetic", domain=values.get("domain") or "cam_a",
                                    difficulty=values.get("difficulty") or 0.0)

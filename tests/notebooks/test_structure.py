@@ -2,8 +2,10 @@
 import ast
 import re
 
+import pytest
 import yaml
 
+from fundus_lib.config import resolve
 from tests.notebooks.conftest import NOTEBOOKS, ROOT, notebook_params, parameters_cells, read
 
 MAX_BYTES = 2 * 1024 * 1024
@@ -91,3 +93,15 @@ def test_no_hard_coded_devices_or_absolute_paths(notebook):
         source = "\n".join(line for line in cell.source.splitlines() if not line.lstrip().startswith("#"))
         assert not DEVICE_LITERAL.search(source), f"{notebook.name} cell {index}: hard-coded device"
         assert not ABSOLUTE_PATH.search(source), f"{notebook.name} cell {index}: absolute path"
+
+
+FULL_CONFIGS = sorted((ROOT / "configs").glob("*/full-*.yaml"))
+
+
+@pytest.mark.parametrize("config", FULL_CONFIGS, ids=[f"{c.parent.name}/{c.name}" for c in FULL_CONFIGS])
+def test_full_configs_resolve_for_their_notebook(config):
+    values = yaml.safe_load(config.read_text())
+    assert values["profile"] == "full", f"{config}: a full-*.yaml sets profile: full"
+    assert values.get("dataset") not in (None, "synthetic"), f"{config}: a full profile names a real dataset"
+    cfg = resolve(values, notebook=config.parent.name, root=ROOT)
+    assert not cfg.is_synthetic

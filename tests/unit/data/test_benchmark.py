@@ -67,3 +67,11 @@ def test_load_dataset_generates_under_the_project_data_folder(tmp_path):
 def test_load_dataset_real_source_needs_data_dir(tmp_path):
     with pytest.raises(ValueError, match="needs data_dir"):
         load_dataset(_cfg(tmp_path, dataset="aptos"))
+
+
+def test_load_dataset_synthetic_needs_image_counts(tmp_path):
+    _cfg(tmp_path)  # writes the preset that declares the parameters
+    full = {"profile": "full", "seed": 0, "dataset": "synthetic", "data_dir": None, "image_size": 32,
+            "n_train": 4, "n_val": None, "n_test": 2}  # "full" has no preset to fill n_val
+    with pytest.raises(ValueError, match=r"needs \['n_val'\]"):
+        load_dataset(resolve(full, "99_demo", root=tmp_path))
