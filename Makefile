@@ -4,7 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-export TQDM_DISABLE ?=
+# PyTorch's OpenMP threads spin-wait by default; on a busy 2-core machine that made training 5x
+# slower (benchmarks noted in the README). Passive waiting costs nothing on a quiet machine.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: run test test-unit test-notebooks lab notebooks bench clean install
 
@@ -36,8 +38,9 @@ lab: $(STAMP)
 	$(BIN)/jupyter lab notebooks/
 
 ## notebooks: re-execute the committed notebooks in place (quick profile) so their outputs are current
+## (progress bars off: committed outputs carry no widget state for them)
 notebooks: $(STAMP)
-	$(BIN)/python -m fundus_lib.runner --profile quick --in-place
+	TQDM_DISABLE=1 $(BIN)/python -m fundus_lib.runner --profile quick --in-place
 
 ## bench: speed figures, one per line
 bench: $(STAMP)

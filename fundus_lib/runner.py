@@ -68,8 +68,12 @@ def run_notebook(notebook: Path, out_dir: Path, profile: str, root: Path, inject
     output = out_dir / notebook.name
     sidecar = out_dir / f"{notebook.stem}.metrics.json"
     sidecar.unlink(missing_ok=True)
-    env_before = {k: os.environ.get(k) for k in ("FUNDUS_METRICS_PATH", "FUNDUS_HOME", "MPLBACKEND")}
-    os.environ.update(FUNDUS_METRICS_PATH=str(sidecar), FUNDUS_HOME=str(root), MPLBACKEND="module://matplotlib_inline.backend_inline")
+    kernel_env = {"FUNDUS_METRICS_PATH": str(sidecar), "FUNDUS_HOME": str(root),
+                  "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+                  # passive OpenMP waiting: no spin-waiting threads when the machine is busy
+                  "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    env_before = {k: os.environ.get(k) for k in kernel_env}
+    os.environ.update(kernel_env)
     started = time.perf_counter()
     try:
         pm.execute_notebook(str(notebook), str(output), parameters={"profile": profile} if inject else {},
@@ -127,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.in_place:
             executed = out_dir / notebook.name
             strip_papermill_metadata(executed)
-            shutil.copyfile(executed, notebook)
+            staged = notebook.with_suffix(".ipynb.tmp")
+            shutil.copyfile(executed, staged)
+            os.replace(staged, notebook)  # atomic: a committed notebook is never half-written
         results.append(result)
     summary = out_dir / "summary.md"
     write_summary(results, summary, args.profile)

@@ -19,7 +19,8 @@ CELL_TIMEOUT_S = 300
 
 def kernel_env(sidecar) -> dict:
     return {**os.environ, "TQDM_DISABLE": "1", "FUNDUS_HOME": str(ROOT), "FUNDUS_METRICS_PATH": str(sidecar),
-            "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+            "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore::DeprecationWarning",
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 @pytest.mark.notebook
