@@ -1,4 +1,4 @@
-"""fundus_lib.data.benchmark: configuration -> manifest -> loaders."""
+"""fundus_lib.data.pipeline: configuration -> manifest -> loaders."""
 from pathlib import Path
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from fundus_lib.config import resolve
-from fundus_lib.data.benchmark import load_dataset, make_loaders, split_seed, synthetic_benchmark
+from fundus_lib.data.pipeline import load_dataset, make_loaders, split_seed, synthetic_benchmark
 from fundus_lib.data.splits import check_no_leakage
 
 
