@@ -4,22 +4,27 @@
   (generated once into ``data/generated/synthetic/<key>`` and reused) or a real dataset read by
   its source, given a validation split carved from its training images when it has none, cropped
   to its field of view and cached at the run's image size under ``data/generated/cache/<dataset>-<size>``.
-* :func:`make_loaders` wraps :class:`~fundus_lib.data.datasets.FundusDataset` in seeded
-  DataLoaders: augmentation for training, deterministic resizing for validation and test.
+* :func:`make_loaders` serves each split either from memory (uint8 tensors, batches augmented
+  on the training device) or through DataLoader workers, as :func:`choose_data_path` decides:
+  augmentation for training, deterministic resizing for validation and test.
 
 Notebooks call these two so that every paper notebook reads its data the same way.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from torch.utils.data import DataLoader
 
 from fundus_lib.config import RunConfig
+from fundus_lib.data.batch_augment import BatchAugment
 from fundus_lib.data.datasets import FundusDataset
+from fundus_lib.data.in_memory import TensorData, TensorLoader, tensor_bytes
 from fundus_lib.data.manifest import SPLITS, make_manifest
 from fundus_lib.data.transforms import eval_transform, train_transform
 from fundus_lib.utils import default_num_workers, seed_everything, seed_worker
@@ -96,29 +101,74 @@ def load_dataset(cfg: RunConfig) -> pd.DataFrame:
                        crop_box=fov_crop_box)
 
 
+#: Share of the machine's memory the in-memory path may take for one call of :func:`make_loaders`.
+MEMORY_SHARE = 0.25
+DATA_PATHS: tuple[str, ...] = ("auto", "memory", "stream")
+
+
+def _total_memory() -> int:
+    """Physical memory in bytes (POSIX); 8 GiB when the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def choose_data_path(manifest: pd.DataFrame, tasks: Sequence[str], image_size: int, data_path: str = "auto") -> str:
+    """``"memory"`` (uint8 tensors, augmentation on the device) or ``"stream"`` (DataLoader workers).
+
+    ``"auto"`` picks memory when every split at ``image_size`` takes at most :data:`MEMORY_SHARE`
+    of this machine's memory (all synthetic profiles, IDRiD, Messidor), else stream (EyePACS).
+    """
+    if data_path not in DATA_PATHS:
+        raise ValueError(f"data_path must be one of {list(DATA_PATHS)}, got {data_path!r}")
+    if data_path != "auto":
+        return data_path
+    return "memory" if tensor_bytes(len(manifest), image_size, tasks) <= MEMORY_SHARE * _total_memory() else "stream"
+
+
 def make_loaders(manifest: pd.DataFrame, tasks: Sequence[str], *, image_size: int, batch_size: int,
                  num_workers: int | None = None, seed: int = 0, augment: bool = True,
-                 splits: Sequence[str] = SPLITS) -> dict[str, DataLoader]:
-    """One DataLoader per split present in ``manifest``, yielding the requested ``tasks``.
+                 splits: Sequence[str] = SPLITS, data_path: str = "auto") -> dict[str, DataLoader | TensorLoader]:
+    """One loader per split present in ``manifest``, yielding the requested ``tasks``.
 
-    Training shuffles with a generator seeded from ``seed`` and uses the augmentation of
-    :func:`~fundus_lib.data.transforms.train_transform` (``augment=False``: plain resizing);
-    validation and test are deterministic and never dropped or shuffled.
+    ``data_path`` (see :func:`choose_data_path`): ``"memory"`` reads each split once into uint8
+    tensors and serves batches with :class:`~fundus_lib.data.in_memory.TensorLoader`, augmented
+    per image on the training device (:class:`~fundus_lib.data.batch_augment.BatchAugment`);
+    ``"stream"`` wraps :class:`~fundus_lib.data.datasets.FundusDataset` in DataLoaders with
+    :func:`~fundus_lib.data.transforms.train_transform` in worker processes (pinned memory and
+    prefetching on CUDA; persistent workers for validation and test — training workers start
+    afresh each epoch, seeded from the loader's generator, so a resumed run replays exactly).
+    Both use the same augmentation settings; training shuffles with a generator seeded from
+    ``seed`` (``augment=False``: no augmentation); validation and test are deterministic.
     """
+    path = choose_data_path(manifest, tasks, image_size, data_path)
     generator = seed_everything(seed)
     workers = default_num_workers(num_workers)
-    loaders: dict[str, DataLoader] = {}
+    loaders: dict[str, DataLoader | TensorLoader] = {}
     for split in splits:
         part = manifest[manifest["split"] == split].reset_index(drop=True)
         if part.empty:
             continue
         training = split == "train"
+        # Every loader draws from its own generator, never from torch's global one: a DataLoader
+        # iterator takes its worker seed from it, and a draw from the global generator would shift
+        # dropout and initialisation after a resume.
+        split_generator = generator if training else torch.Generator().manual_seed(split_seed(seed, split))
+        if path == "memory":
+            data = TensorData(FundusDataset(part, tasks=tasks, image_size=image_size))
+            loaders[split] = TensorLoader(data, batch_size=batch_size, shuffle=training,
+                                          augment=BatchAugment() if training and augment else None,
+                                          generator=split_generator)
+            continue
         transform = train_transform(image_size) if training and augment else eval_transform(image_size)
         dataset = FundusDataset(part, tasks=tasks, transform=transform, image_size=image_size)
         loaders[split] = DataLoader(dataset, batch_size=batch_size, shuffle=training, drop_last=False,
                                     num_workers=workers, worker_init_fn=seed_worker,
-                                    generator=generator if training else None,
-                                    persistent_workers=workers > 0)
+                                    generator=split_generator,
+                                    pin_memory=torch.cuda.is_available(),
+                                    prefetch_factor=4 if workers else None,
+                                    persistent_workers=workers > 0 and not training)
     if "train" in splits and "train" not in loaders:
         raise ValueError("the manifest has no 'train' rows; check its split column")
     return loaders

@@ -2,6 +2,7 @@
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fundus_lib.train import NonFiniteLossError, evaluate, fit, load_checkpoint, predict
+import fundus_lib.train as train_module
+from fundus_lib.train import EpochMeter, NonFiniteLossError, evaluate, fit, load_checkpoint, predict
 from tests.unit.ddp_fit_script import DictDataset
 
 
@@ -178,3 +180,105 @@ def test_ddp_with_two_gloo_processes_matches_one_process_on_the_same_global_batc
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-5)
     for name, tensor in one["model"].items():
         torch.testing.assert_close(two["model"][name], tensor, rtol=1e-5, atol=1e-6)
+
+
+#: Tensor methods that read a value back to the host (a device synchronisation on a GPU).
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
+
+
+def count_host_reads(monkeypatch, run) -> int:
+    """Host reads made by fundus_lib/train.py itself while ``run()`` executes (torch internals and
+    the user's loss are not counted: only the loop's own code)."""
+    counts = Counter()
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _original=original, _name=name, **kwargs):
+            if sys._getframe(1).f_code.co_filename == train_module.__file__:
+                counts[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    try:
+        run()
+    finally:
+        monkeypatch.undo()
+    return sum(counts.values())
+
+
+def test_host_synchronisations_do_not_grow_with_the_number_of_batches(monkeypatch):
+    def run(n, check_every=train_module.CHECK_EVERY):
+        train, val = loaders(n=n)
+        return lambda: fit(Net(), cross_entropy, train, val, epochs=2, metrics_fn=accuracy, device="cpu",
+                           progress=False, check_every=check_every)
+
+    six_batches = count_host_reads(monkeypatch, run(48))
+    twelve_batches = count_host_reads(monkeypatch, run(96))
+    assert six_batches == twelve_batches > 0
+    # the counter does see per-batch reads: checking the flag every batch adds one read per batch
+    assert count_host_reads(monkeypatch, run(96, check_every=1)) >= twelve_batches + 2 * 12 - 2
+
+
+def test_epoch_reduction_packs_its_tensors_on_the_training_device(monkeypatch):
+    """NCCL only reduces CUDA tensors: every collective must use the model's device, never the CPU."""
+    device = torch.device("meta")  # any non-CPU device shows where the tensors were made
+    meter = EpochMeter(device)
+    meter.add(torch.ones((), device=device), {"ce": torch.ones((), device=device)}, 4)
+    reduced = []
+    monkeypatch.setattr(train_module.dist, "all_reduce", lambda tensor, op=None: reduced.append(tensor.device))
+    meter.all_reduce()
+    assert reduced and all(d == device for d in reduced), reduced
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x):
+        logits = self.net(x)["logits"]
+        return {"logits": logits, "attention": logits[:, :, None].repeat(1, 1, 64)}
+
+
+def test_predict_collects_only_the_outputs_asked_for_as_float32():
+    _, val = loaders()
+    outputs, targets = predict(TwoHeads(), val, device="cpu", keys=["logits"], progress=False)
+    assert set(outputs) == {"logits"} and outputs["logits"].dtype == np.float32
+    assert set(targets) == {"label"}
+    everything, _ = predict(TwoHeads(), val, device="cpu", progress=False)
+    assert set(everything) == {"logits", "attention"}
+
+
+class TinyGrader(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, 5))
+
+    def forward(self, x):
+        return {"dr": self.body(x)}
+
+
+def test_fit_and_predict_over_the_in_memory_path(tmp_path):
+    from fundus_lib.data.pipeline import make_loaders, synthetic_benchmark
+
+    manifest = synthetic_benchmark(24, 8, 8, 32, seed=1, root=tmp_path)
+    data = make_loaders(manifest, ("dr",), image_size=32, batch_size=8, data_path="memory")
+    model = TinyGrader()
+    loss = lambda out, batch: nn.functional.cross_entropy(out["dr"], batch["dr"])  # noqa: E731
+    history = fit(model, loss, data["train"], data["val"], epochs=4, lr=1e-2, device="cpu", progress=False)
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    outputs, targets = predict(model, data["test"], device="cpu", progress=False)
+    assert outputs["dr"].shape == (8, 5) and targets["dr"].shape == (8,)
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_module_and_saves_plain_keys(tmp_path):
+    torch.manual_seed(0)
+    train, val = loaders()
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fit(model, cross_entropy, train, val, epochs=1, device="cpu", compile=True, checkpoint_dir=tmp_path,
+        progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert set(load_checkpoint(tmp_path / "last.pt")["model"]) == set(before)

@@ -75,3 +75,20 @@ def test_load_dataset_synthetic_needs_image_counts(tmp_path):
             "n_train": 4, "n_val": None, "n_test": 2}  # "full" has no preset to fill n_val
     with pytest.raises(ValueError, match=r"needs \['n_val'\]"):
         load_dataset(resolve(full, "99_demo", root=tmp_path))
+
+
+def test_data_path_auto_holds_small_sets_in_memory_and_streams_large_ones(manifest, monkeypatch):
+    from fundus_lib.data import pipeline
+    from fundus_lib.data.in_memory import TensorLoader
+
+    assert pipeline.choose_data_path(manifest, ("dr",), 512) == "memory"
+    monkeypatch.setattr(pipeline, "_total_memory", lambda: 1000)
+    assert pipeline.choose_data_path(manifest, ("dr",), 512) == "stream"
+    assert pipeline.choose_data_path(manifest, ("dr",), 512, "memory") == "memory"
+    with pytest.raises(ValueError, match="data_path"):
+        pipeline.choose_data_path(manifest, ("dr",), 512, "disk")
+    memory = make_loaders(manifest, tasks=("dr",), image_size=32, batch_size=4, data_path="memory")
+    stream = make_loaders(manifest, tasks=("dr",), image_size=32, batch_size=4, num_workers=0, data_path="stream")
+    assert isinstance(memory["train"], TensorLoader) and not isinstance(stream["train"], TensorLoader)
+    for a, b in zip(memory["test"], stream["test"]):  # same pixels for evaluation on both paths
+        torch.testing.assert_close(a["image"], b["image"], atol=1e-6, rtol=0)
