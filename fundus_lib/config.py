@@ -8,7 +8,7 @@ its own values after it), followed by ``cfg = resolve(globals(), notebook="11_ca
 2. rejects names the notebook does not declare (its ``configs/<notebook>/quick.yaml`` lists them),
 3. fills every ``None`` from, in order: an environment variable ``FUNDUS_<NAME>`` (e.g.
    ``FUNDUS_DATA_DIR``, ``FUNDUS_DEVICE``), then the profile preset
-   ``configs/<notebook>/<profile>.yaml`` (profiles "smoke" and "quick"; "full" has no preset: a
+   ``configs/<notebook>/<profile>.yaml`` (profiles "smoke", "quick" and "gpu"; "full" has no preset: a
    ``configs/<notebook>/full-<dataset>.yaml`` file passed to papermill gives every value),
 4. checks every value's type, range and choices against :data:`PARAMETERS`,
 
@@ -17,6 +17,7 @@ and raises ONE :class:`ConfigError` listing every bad or unknown parameter.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +25,8 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
-PROFILES: tuple[str, ...] = ("smoke", "quick", "full")
-PRESET_PROFILES: tuple[str, ...] = ("smoke", "quick")
+PROFILES: tuple[str, ...] = ("smoke", "quick", "gpu", "full")
+PRESET_PROFILES: tuple[str, ...] = ("smoke", "quick", "gpu")
 DATASETS: tuple[str, ...] = (
     "synthetic", "idrid_grading", "idrid_segmentation", "messidor", "messidor2", "aptos", "eyepacs",
     "ddr_grading", "ddr_segmentation", "retinal_lesions",
@@ -67,13 +68,16 @@ class Param:
             ok = isinstance(value, self.kind)
         if not ok:
             return [f"{name}={value!r} has type {type(value).__name__}; expected {self.describe()}"]
+        items = value if self.kind is list else [value]
         if self.choices is not None:
-            items = value if self.kind is list else [value]
             bad = [item for item in items if item not in self.choices]
             if bad:
-                return [f"{name}={value!r}: {bad if self.kind is list else repr(value)} not in {list(self.choices)}"]
-        items = value if self.kind is list else [value]
+                which = f": {bad} not allowed, every item" if self.kind is list else ""
+                return [f"{name}={value!r}{which} must be one of {self._choices_text()}"]
         for item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                which = f" holds {item!r}, which" if self.kind is list else ""
+                return [f"{name}={value!r}{which} is not a finite number; expected {self.describe()}"]
             if isinstance(item, (int, float)) and not isinstance(item, bool):
                 if self.minimum is not None and item < self.minimum:
                     return [f"{name}={value!r} is below the minimum {self.minimum}; expected {self.describe()}"]
@@ -81,10 +85,14 @@ class Param:
                     return [f"{name}={value!r} is above the maximum {self.maximum}; expected {self.describe()}"]
         return []
 
+    def _choices_text(self) -> str:
+        return ", ".join(repr(choice) for choice in self.choices or ())
+
     def describe(self) -> str:
+        """The expected value in words: type, allowed choices or closed range, nullability."""
         text = self.kind.__name__
         if self.choices is not None:
-            text += f" in {list(self.choices)}"
+            text += f", one of {self._choices_text()}"
         if self.minimum is not None or self.maximum is not None:
             text += f" in [{self.minimum if self.minimum is not None else '-inf'}, " \
                     f"{self.maximum if self.maximum is not None else 'inf'}]"
@@ -93,7 +101,8 @@ class Param:
 
 #: Every parameter any notebook may declare, with its type, range and meaning.
 PARAMETERS: dict[str, Param] = {
-    "profile": Param(str, "smoke (CI), quick (CPU default), full (real data, GPU)", choices=PROFILES),
+    "profile": Param(str, "smoke (CI), quick (CPU default), gpu (synthetic at paper scale, one GPU), "
+                          "full (real data, GPU)", choices=PROFILES),
     "seed": Param(int, "random seed for data generation, initialisation and shuffling", 0, 2**31 - 1),
     "device": Param(str, "auto | cpu | cuda | mps", choices=("auto", "cpu", "cuda", "mps")),
     "dataset": Param(str, "dataset key: 'synthetic' or a real source (see data/README.md)", choices=DATASETS),

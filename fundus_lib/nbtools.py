@@ -4,6 +4,10 @@
 runner (``make run``) and the notebook tests point ``FUNDUS_METRICS_PATH`` at the file beside the
 executed notebook; interactively it goes to ``runs/<notebook>/metrics.json``. The tests read the
 sidecar back: every recorded number must be finite and inside the bounds the notebook declared.
+
+One sidecar holds one run: the first ``record()`` after a ``resolve()`` (a new run of the
+notebook, in a fresh kernel or re-run from the top) starts the file afresh, later calls add to
+it. Keys recorded by an earlier run, or by an earlier version of the notebook, never linger.
 """
 from __future__ import annotations
 
@@ -21,6 +25,10 @@ from typing import Any
 import numpy as np
 
 from fundus_lib.config import RunConfig, active_config, project_root
+from fundus_lib.utils import atomic_write
+
+#: Sidecar path -> the configuration whose run last wrote it in this process (see the docstring).
+_RUN_OF_SIDECAR: dict[Path, RunConfig | None] = {}
 
 
 def git_commit(root: Path | None = None) -> str:
@@ -100,12 +108,15 @@ def record(key: str, value: Any, *, bounds: tuple[float, float] | None = None, c
     ``bounds=(low, high)`` declares the valid range of every number in ``value`` (e.g. ``(0, 1)``
     for an accuracy); the notebook tests check it, and that every number is finite.
     The sidecar also carries ``_meta``: notebook, profile, data source and the parameters.
+    The first call of a run (per :func:`~fundus_lib.config.resolve`) replaces the sidecar of an
+    earlier run. A sidecar that cannot be written raises an :class:`OSError` naming it.
     """
     if not isinstance(key, str) or not key or key.startswith("_"):
         raise ValueError(f"record key must be a non-empty string not starting with '_', got {key!r}")
     cfg = cfg or active_config()
-    path = metrics_path(cfg)
-    data = json.loads(path.read_text()) if path.is_file() else {}
+    path = metrics_path(cfg).resolve()
+    same_run = path in _RUN_OF_SIDECAR and _RUN_OF_SIDECAR[path] is cfg
+    data = json.loads(path.read_text()) if same_run and path.is_file() else {}
     if cfg is not None:
         data["_meta"] = {
             "notebook": cfg.notebook, "profile": cfg.values.get("profile"),
@@ -114,10 +125,14 @@ def record(key: str, value: Any, *, bounds: tuple[float, float] | None = None, c
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
     data[key] = {"value": _plain(value), "bounds": list(bounds) if bounds is not None else None}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    temporary.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as stream:
+            stream.write(json.dumps(data, indent=2, sort_keys=True))
+    except OSError as error:
+        raise OSError(error.errno, f"record() cannot write the metrics sidecar {path}: {error.strerror or error}; "
+                                   "set FUNDUS_METRICS_PATH to a file in a writable folder") from error
+    _RUN_OF_SIDECAR[path] = cfg
     return value
 
 

@@ -1,11 +1,13 @@
-"""Small shared utilities: seeding, device choice, DataLoader worker counts, a timer."""
+"""Small shared utilities: seeding, device choice, DataLoader worker counts, a timer, atomic file writes."""
 from __future__ import annotations
 
 import os
 import random
+import tempfile
 import time
 from contextlib import contextmanager
-from typing import Iterator
+from pathlib import Path
+from typing import IO, Iterator
 
 import numpy as np
 import torch
@@ -91,3 +93,25 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; when the block ends normally it replaces
+    ``path`` (:func:`os.replace`), otherwise it is removed.
+
+    ``path`` is therefore always absent, the old file or the complete new one, never half-written
+    (a full disk, a read-only folder or Ctrl-C leave nothing behind; a SIGKILL can leave a hidden
+    ``.<name>.*.tmp`` file, which is never a final name). ``mode`` is "w" (text) or "wb".
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', got {mode!r}")
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, mode) as stream:
+            yield stream
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

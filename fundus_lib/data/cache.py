@@ -13,6 +13,11 @@ Layout under ``root``::
 
 Guarantees: every file is written to a temporary name and moved into place with
 :func:`os.replace`, so an interrupted build never leaves a truncated PNG under a final name.
+Each finished image is recorded in ``cache.json`` (saved every few seconds and when the build
+stops, by an error or Ctrl-C), so a build that was interrupted or met an unreadable photo
+resumes where it stopped. An image that cannot be cached stops the build with a
+:class:`CacheError` naming its ``image_id`` and file; a cache folder that cannot be written
+raises a :class:`CacheError` naming the folder.
 ``cache.json`` records ``image_size`` and the identity of ``crop_box`` / ``preprocess``; calling
 again with other parameters raises :class:`CacheError` (or wipes the cache when
 ``rebuild=True``). An image is rewritten only when its fingerprint (source paths, sizes and
@@ -28,8 +33,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from hashlib import sha1
 from pathlib import Path
@@ -40,11 +45,16 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
-from fundus_lib.data.manifest import LESIONS, ManifestError, make_manifest, read_image, read_mask, validate_manifest
+from fundus_lib.data.manifest import (LESIONS, ManifestError, check_photo_shape, make_manifest, read_image, read_mask,
+                                      validate_manifest)
 from fundus_lib.data.transforms import resize_arrays
+from fundus_lib.utils import atomic_write
 
 CACHE_VERSION = 1
 CACHE_FILE = "cache.json"
+#: Seconds between saves of the finished images to ``cache.json`` during a build (what a
+#: SIGKILL can lose at most, besides the images in flight).
+SAVE_INTERVAL_S = 5.0
 
 #: ``crop_box(image) -> (top, left, height, width)``; the box may extend past the borders (zero fill).
 CropBox = Callable[[np.ndarray], tuple[int, int, int, int]]
@@ -91,16 +101,10 @@ def _stat(path: str) -> list[Any]:
 
 
 def write_png_atomic(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` as a PNG at ``path`` via a temporary file in the same folder and
-    :func:`os.replace`, so ``path`` is either the old file or the complete new one."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        Image.fromarray(array).save(temp, format="PNG", compress_level=1)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write ``array`` as a PNG at ``path`` with :func:`~fundus_lib.utils.atomic_write`, so
+    ``path`` is either the old file or the complete new one."""
+    with atomic_write(path, "wb") as stream:
+        Image.fromarray(array).save(stream, format="PNG", compress_level=1)
 
 
 def _crop(array: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -120,6 +124,7 @@ def _crop(array: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
 class _Job:
     """Everything one worker needs to cache one image (picklable)."""
 
+    image_id: str
     image_path: str
     mask_paths: tuple[str | None, ...]
     mask_rule: str
@@ -130,9 +135,19 @@ class _Job:
     out_masks: tuple[Path | None, ...]
 
 
-def _cache_one(job: _Job) -> None:
+def _cache_one(job: _Job) -> str:
+    """Cache one image (:func:`_cache_image`) and return its id; any failure becomes a
+    :class:`CacheError` naming the image id and file (also across worker processes)."""
+    try:
+        _cache_image(job)
+    except Exception as error:
+        raise CacheError(f"cannot cache image {job.image_id!r} ({job.image_path}): {error}") from error
+    return job.image_id
+
+
+def _cache_image(job: _Job) -> None:
     """Read, crop, resize, preprocess and write one image and its masks."""
-    image = read_image(job.image_path)
+    image = check_photo_shape(read_image(job.image_path), job.image_path)
     present = [i for i, path in enumerate(job.mask_paths) if path is not None]
     masks = np.zeros((len(present), *image.shape[:2]), dtype=bool)
     for row, lesion_index in enumerate(present):
@@ -178,10 +193,47 @@ def _read_state(root: Path, params: dict[str, Any], rebuild: bool) -> dict[str, 
 
 
 def _write_state(root: Path, state: dict[str, Any]) -> None:
-    handle, temp = tempfile.mkstemp(dir=root, prefix=f".{CACHE_FILE}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as stream:
+    """Replace ``cache.json`` atomically (:func:`~fundus_lib.utils.atomic_write`)."""
+    with atomic_write(root / CACHE_FILE) as stream:
         json.dump(state, stream, indent=1, sort_keys=True)
-    os.replace(temp, root / CACHE_FILE)
+
+
+def _prepare(root: Path, state: dict[str, Any]) -> None:
+    """Create the cache folders, remove temporary files left by a killed build and save the
+    state; a folder that cannot be written raises a :class:`CacheError` naming it."""
+    try:
+        for folder in (root / "images", *(root / "masks" / lesion for lesion in LESIONS)):
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in folder.glob(".*.tmp"):  # left by a killed process; never a final name
+                stale.unlink()
+        _write_state(root, state)
+    except OSError as error:
+        raise CacheError(f"cannot write the cache folder {root}: {error.strerror or error}; "
+                         "choose a writable root for build_cache") from error
+
+
+def _run(jobs: list[_Job], workers: int, done: Callable[[str], None]) -> None:
+    """Cache every job, in ``workers`` processes when > 1, calling ``done(image_id)`` as each
+    finishes. The first failure cancels the jobs not yet started and is raised once the running
+    ones have finished; those are reported to ``done`` too, so no finished image is forgotten."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            done(_cache_one(job))
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_cache_one, job) for job in jobs]
+        reported = set()
+        try:
+            for future in as_completed(futures):
+                done(future.result())
+                reported.add(future)
+        finally:
+            for future in futures:
+                future.cancel()
+            pool.shutdown(wait=True)
+            for future in futures:
+                if future not in reported and not future.cancelled() and future.exception() is None:
+                    done(future.result())
 
 
 def build_cache(manifest: pd.DataFrame, root: str | Path, image_size: int, preprocess: Preprocess | None = None, *,
@@ -207,11 +259,7 @@ def build_cache(manifest: pd.DataFrame, root: str | Path, image_size: int, prepr
               "crop_box": describe_callable(crop_box, "crop_box"),
               "preprocess": describe_callable(preprocess, "preprocess")}
     state = _read_state(root, params, rebuild)
-    for folder in (root / "images", *(root / "masks" / lesion for lesion in LESIONS)):
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.glob(".*.tmp"):  # left by a killed process; never a final name
-            stale.unlink()
-    _write_state(root, state)
+    _prepare(root, state)
 
     jobs: list[_Job] = []
     fingerprints: dict[str, Any] = {}
@@ -229,27 +277,29 @@ def build_cache(manifest: pd.DataFrame, root: str | Path, image_size: int, prepr
         fingerprints[image_id] = fingerprint
         complete = all(path.is_file() for path in (out_image, *out_masks) if path is not None)
         if state["entries"].get(image_id) != fingerprint or not complete:
-            jobs.append(_Job(str(row.image_path), sources, str(row.mask_rule), image_size, crop_box, preprocess,
-                             out_image, out_masks))
+            jobs.append(_Job(image_id, str(row.image_path), sources, str(row.mask_rule), image_size, crop_box,
+                             preprocess, out_image, out_masks))
         image_paths.append(str(out_image))
         for lesion, path in zip(LESIONS, out_masks):
             mask_paths[lesion].append(None if path is None else str(path))
 
     bar = tqdm(total=len(jobs), desc=f"caching {len(jobs)} image(s) at {image_size}px",
                disable=not progress or not jobs)
+    saved = time.monotonic()
+
+    def done(image_id: str) -> None:
+        nonlocal saved
+        state["entries"][image_id] = fingerprints[image_id]
+        bar.update()
+        if time.monotonic() - saved > SAVE_INTERVAL_S:
+            _write_state(root, state)
+            saved = time.monotonic()
+
     try:
-        if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                for _ in pool.map(_cache_one, jobs, chunksize=max(1, len(jobs) // (8 * workers))):
-                    bar.update()
-        else:
-            for job in jobs:
-                _cache_one(job)
-                bar.update()
+        _run(jobs, workers, done)
     finally:
         bar.close()
-    state["entries"] = {**state["entries"], **fingerprints}
-    _write_state(root, state)
+        _write_state(root, state)  # what finished is kept, also when the build failed
     out = manifest.copy()
     out["image_path"] = image_paths
     for lesion in LESIONS:

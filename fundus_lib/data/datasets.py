@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from fundus_lib.data.manifest import (LESIONS, MASK_COLUMNS, PRESENCE_COLUMNS, ManifestError, read_image,
-                                      read_mask, validate_manifest)
+from fundus_lib.data.manifest import (LESIONS, MASK_COLUMNS, PRESENCE_COLUMNS, ManifestError, check_photo_shape,
+                                      read_image, read_mask, validate_manifest)
 from fundus_lib.data.patches import PATCH_LESIONS, PATCH_STRIDE, PATCH_WINDOW, grid_patch_labels
 from fundus_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize as normalize_image
 from fundus_lib.data.transforms import resize_arrays, to_tv_tensors
@@ -79,7 +79,8 @@ def _first_ids(manifest: pd.DataFrame, rows: pd.Series, n: int = 5) -> list[str]
 class FundusDataset(Dataset):
     """Dict samples from a manifest (keys in the module docstring).
 
-    Steps per sample: :func:`read_image` (and the masks the tasks need) -> resize to
+    Steps per sample: :func:`read_image` (a photo under 16 px or over 4:1 raises, see
+    :func:`~fundus_lib.data.manifest.check_photo_shape`; and the masks the tasks need) -> resize to
     ``image_size`` x ``image_size`` when given (:func:`resize_arrays`; non-square photographs are
     stretched, so crop the field of view first, e.g. in the cache) -> ``transform(image, masks)``
     (v2 transforms on a uint8 :class:`tv_tensors.Image` and :class:`tv_tensors.Mask`; see
@@ -176,7 +177,7 @@ class FundusDataset(Dataset):
         return masks
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = read_image(self._image_paths[index])
+        image = check_photo_shape(read_image(self._image_paths[index]), self._image_paths[index])
         needs_masks = any(task in self.tasks for task in _MASK_TASKS)
         masks = self._read_masks(index, image.shape[:2]) if needs_masks else None
         if self.image_size is not None:

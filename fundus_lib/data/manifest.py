@@ -33,7 +33,7 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 #: The eight lesion classes of L-Net/SiAN (Wei et al., ICPR 2020), in the paper's order.
 LESIONS: tuple[str, ...] = ("MA", "iHE", "HaEx", "CWS", "vHE", "pHE", "NV", "FiP")
@@ -106,9 +106,10 @@ def validate_manifest(manifest: pd.DataFrame, *, check_files: bool = False) -> p
         raise ManifestError(f"manifest lacks the standard columns {missing}; build it with make_manifest()")
     if manifest["image_id"].isna().any():
         problems.append("image_id has empty values")
-    duplicated = manifest["image_id"][manifest["image_id"].duplicated()].tolist()
+    duplicated = manifest["image_id"][manifest["image_id"].duplicated()].unique().tolist()
     if duplicated:
-        problems.append(f"image_id is not unique: {duplicated[:5]}")
+        paths = manifest.loc[manifest["image_id"] == duplicated[0], "image_path"].tolist()
+        problems.append(f"image_id is not unique: {duplicated[:5]} ({duplicated[0]!r} is the id of {paths})")
     if manifest["image_path"].isna().any():
         problems.append("image_path has empty values for image_id "
                         f"{manifest.loc[manifest['image_path'].isna(), 'image_id'].tolist()[:5]}")
@@ -140,14 +141,36 @@ def validate_manifest(manifest: pd.DataFrame, *, check_files: bool = False) -> p
     return manifest
 
 
+#: PIL modes whose pixel values are intensities that :func:`~fundus_lib.preprocess.to_rgb_uint8`
+#: reads directly (8-bit grey/RGB/RGBA, 16- and 32-bit grey, float grey). Every other mode stores
+#: something else per pixel (palette indices, CMYK inks, YCbCr, bilevel) and is converted by PIL.
+_INTENSITY_MODES = frozenset({"L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+
+#: Photographs smaller than this (pixels, shorter side) or more elongated than this (longer /
+#: shorter side) are refused by :func:`check_photo_shape`: resizing them gives a flat or smeared
+#: input that trains silently on nothing. Fundus photographs are >= 512 px and at most ~1.8:1.
+MIN_IMAGE_SIDE = 16
+MAX_ASPECT = 4.0
+
+
 def _load_array(path: str | Path, what: str) -> np.ndarray:
-    """The pixels of an image file, or a :class:`ManifestError` naming the missing/unreadable file."""
+    """The pixels of an image file as a viewer shows them, or a :class:`ManifestError` naming the
+    missing/unreadable file.
+
+    The EXIF orientation is applied (a photo stored sideways with an orientation tag comes back
+    upright). Palette, CMYK, YCbCr, LAB, HSV, bilevel and grey+alpha files are converted to RGB by
+    PIL: their stored numbers are not intensities (a palette PNG holds colour indices, a CMYK
+    JPEG ink amounts), so reading them as pixels would silently give wrong colours.
+    """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{what} file not found: {path}")
     try:
         with Image.open(path) as handle:
-            return np.asarray(handle)
+            picture = ImageOps.exif_transpose(handle)
+            if picture.mode not in _INTENSITY_MODES:
+                picture = picture.convert("RGB")
+            return np.asarray(picture)
     except Exception as error:  # PIL raises several unrelated types for corrupt files
         raise ManifestError(f"cannot read {what} {path}: {error}") from error
 
@@ -156,8 +179,10 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read a colour fundus photograph as an (H, W, 3) uint8 RGB array.
 
     Greyscale images are repeated to three channels, an alpha channel is dropped, and 16-bit
-    images are scaled to 8 bits (:func:`fundus_lib.preprocess.to_rgb_uint8`). Raises
-    :class:`ManifestError` naming the file when it is missing, unreadable or of an unusable kind.
+    images are scaled to 8 bits by their own maximum (:func:`fundus_lib.preprocess.to_rgb_uint8`).
+    Palette and CMYK files give the RGB colours they encode, and the EXIF orientation is applied
+    (see :func:`_load_array`). Raises :class:`ManifestError` naming the file when it is missing,
+    unreadable (zero bytes, truncated, not an image) or of an unusable kind.
     """
     from fundus_lib.preprocess import to_rgb_uint8
 
@@ -168,13 +193,29 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ManifestError(f"image {path}: {error}") from error
 
 
+def check_photo_shape(image: np.ndarray, path: str | Path) -> np.ndarray:
+    """Return ``image`` when its size can be a fundus photograph, else raise :class:`ManifestError`
+    naming ``path``: a side below :data:`MIN_IMAGE_SIDE` (a 1x1 placeholder becomes one flat grey
+    input after resizing) or an aspect ratio above :data:`MAX_ASPECT` (a strip, stretched beyond
+    recognition). Called by :class:`~fundus_lib.data.datasets.FundusDataset` and the cache."""
+    height, width = image.shape[:2]
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise ManifestError(f"image {path} is {height}x{width} pixels; a fundus photograph needs at least "
+                            f"{MIN_IMAGE_SIDE} pixels per side (a thumbnail or placeholder?)")
+    if max(height, width) > MAX_ASPECT * min(height, width):
+        raise ManifestError(f"image {path} is {height}x{width} pixels, more elongated than {MAX_ASPECT:g}:1; "
+                            "a fundus photograph is close to square (crop it to the field of view)")
+    return image
+
+
 def read_mask(path: str | Path | None, rule: str = "nonzero", shape: tuple[int, int] | None = None) -> np.ndarray:
     """Read a lesion mask file as an (H, W) bool array.
 
     ``path=None`` (or NA) means "annotated but absent" and needs ``shape``; it returns all False.
     ``rule`` is one of :data:`MASK_RULES`: "nonzero" keeps pixels where any channel is > 0 (IDRiD's
     pure-red RGB TIFFs give 76 in grey, so grey == 255 would be wrong); "value255" keeps only 255
-    (Retinal-Lesions marks excluded lesions with 127).
+    (Retinal-Lesions marks excluded lesions with 127). Palette, CMYK and bilevel mask files are
+    read by the colours they encode, like images (:func:`_load_array`).
     """
     if path is None or path is pd.NA or (isinstance(path, float) and np.isnan(path)):
         if shape is None:

@@ -25,6 +25,15 @@ from fundus_lib.data.manifest import SPLITS, ManifestError, validate_manifest
 LEAKAGE_KEYS: tuple[str, ...] = ("image_id", "patient_id", "image_path")
 
 
+def patient_key(values: pd.Series) -> pd.Series:
+    """Patient ids as compared for grouping and leakage: surrounding spaces stripped, case folded.
+
+    Label files typed by hand spell one patient ``"P17"``, ``"p17"`` and ``" P17 "``; treating
+    those as three patients would put one person's eyes in two splits.
+    """
+    return values.astype("string").str.strip().str.casefold()
+
+
 class LeakageError(ManifestError):
     """The same image or patient appears in more than one split."""
 
@@ -45,12 +54,13 @@ def _strata(manifest: pd.DataFrame, stratify: str | None) -> np.ndarray:
 
 
 def _groups(manifest: pd.DataFrame, group: str | None) -> np.ndarray | None:
-    """Group labels, or None when no row has one (plain stratified k-fold then applies)."""
+    """Group labels compared as :func:`patient_key` (case and surrounding spaces ignored), or None
+    when no row has one (plain stratified k-fold then applies)."""
     column = _column(manifest, group, "group")
     if column is None or column.isna().all():
         return None
     own = "image:" + manifest["image_id"].astype(str)
-    return column.astype(object).where(column.notna(), own).astype(str).to_numpy()
+    return patient_key(column).astype(object).where(column.notna(), own).astype(str).to_numpy()
 
 
 def stratified_kfold(manifest: pd.DataFrame, n_splits: int = 5, *, stratify: str | None = "dr_grade",
@@ -138,7 +148,9 @@ def check_no_leakage(splits: pd.DataFrame | Mapping[str, pd.DataFrame] | Sequenc
 
     ``splits``: one manifest with a ``split`` column (rows with NA split are ignored), a mapping
     ``{name: manifest}``, or a sequence of manifests (named by position). Image paths are
-    compared after normalisation (``a/./b.png`` == ``a/b.png``). Keys a part lacks are skipped.
+    compared after normalisation (``a/./b.png`` == ``a/b.png``), patient ids by
+    :func:`patient_key` (``"P1"`` == ``" p1 "``); the message shows the spellings found. Keys a
+    part lacks are skipped.
     """
     parts = _named_parts(splits)
     problems: list[str] = []
@@ -148,15 +160,20 @@ def check_no_leakage(splits: pd.DataFrame | Mapping[str, pd.DataFrame] | Sequenc
             if key in part.columns:
                 values = part[key].dropna().astype(str)
                 if key == "image_path":
-                    values = values.map(lambda p: os.path.normpath(os.path.abspath(p)))
-                frames.append(pd.DataFrame({"value": values.to_numpy(), "split": name}).drop_duplicates())
+                    compared = values.map(lambda p: os.path.normpath(os.path.abspath(p)))
+                else:
+                    compared = patient_key(values) if key == "patient_id" else values
+                frames.append(pd.DataFrame({"value": compared.to_numpy(), "spelling": values.to_numpy(),
+                                            "split": name}).drop_duplicates())
         if len(frames) < 2:
             continue
         table = pd.concat(frames, ignore_index=True)
-        spread = table.groupby("value")["split"].agg(lambda s: sorted(set(s)))
+        grouped = table.groupby("value")
+        spread = grouped["split"].agg(lambda s: sorted(set(s)))
+        spellings = grouped["spelling"].agg(lambda s: " / ".join(repr(v) for v in sorted(set(s))))
         shared = spread[spread.map(len) > 1]
         if len(shared):
-            examples = "; ".join(f"{value!r} in {where}" for value, where in shared.head(5).items())
+            examples = "; ".join(f"{spellings[value]} in {where}" for value, where in shared.head(5).items())
             problems.append(f"{len(shared)} {key} value(s) occur in more than one split, e.g. {examples}")
     if problems:
         raise LeakageError("data leakage between splits:\n  - " + "\n  - ".join(problems))

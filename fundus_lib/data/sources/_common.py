@@ -1,5 +1,6 @@
-"""Helpers shared by the dataset sources: checked file access, label tables, grade columns,
-case-insensitive image look-up, lesion columns and cheap image checks.
+"""Helpers shared by the dataset sources: checked file access, label tables (line numbers,
+repeated rows), grade columns, case-insensitive image look-up that skips OS junk files, lesion
+columns and cheap image and mask checks.
 
 Every helper raises :class:`~fundus_lib.data.manifest.ManifestError` with a message that starts
 with the dataset name and names the file, folder, column or line that is wrong, so a user who
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -23,6 +25,22 @@ from fundus_lib.data.manifest import LESIONS, ManifestError, read_mask
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 _KAGGLE_NAME = re.compile(r"^(\d+)_(left|right)$")
+
+#: Files that operating systems and archivers drop into folders (compared lower-case); together
+#: with every hidden file (name starting with ".", e.g. ``.DS_Store`` and macOS ``._IDRiD_01.jpg``
+#: resource forks) they are never images, masks or labels.
+OS_JUNK_NAMES: frozenset[str] = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini"})
+
+
+def is_os_junk(path: Path) -> bool:
+    """True for files a dataset folder may hold by accident of the operating system (hidden files,
+    ``Thumbs.db``, ``desktop.ini``); every source skips them when it lists a folder."""
+    return path.name.startswith(".") or path.name.lower() in OS_JUNK_NAMES
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` in name order, without OS junk (:func:`is_os_junk`)."""
+    return [path for path in sorted(folder.iterdir()) if path.is_file() and not is_os_junk(path)]
 
 
 def require_dir(path: Path, dataset: str, what: str) -> Path:
@@ -45,47 +63,112 @@ def _normalise(name: object) -> str:
 
 
 def select_columns(frame: pd.DataFrame, columns: Mapping[str, str], *, dataset: str, what: str,
-                   path: Path, optional: Mapping[str, str] | None = None) -> pd.DataFrame:
+                   path: Path, optional: Mapping[str, str] | None = None,
+                   key: str | None = "name") -> pd.DataFrame:
     """Keep the ``columns`` (canonical key -> official header) of a label table, renamed to the keys.
 
     Headers match ignoring case and whitespace, which absorbs the official quirks (IDRiD's
     trailing space in ``'Risk of macular edema '``). Rows that are entirely empty (the trailing
     blank rows of the IDRiD sheets) are dropped; unnamed empty columns are simply not selected.
-    String cells are stripped. ``optional`` columns are kept when present.
+    String cells are stripped. ``optional`` columns are kept when present. The index (the
+    readers set it to the file's line or sheet's row numbers) is kept, so later errors can name
+    the line. A table without data rows raises. ``key`` names the column that identifies an
+    image; its repeats go through :func:`drop_repeated_rows` (None: no such column).
     """
     by_key = {_normalise(column): column for column in frame.columns}
     selected: dict[str, object] = {}
-    for key, official in columns.items():
+    for canonical, official in columns.items():
         if _normalise(official) not in by_key:
             found = [str(c) for c in frame.columns if not str(c).startswith("Unnamed")]
             raise ManifestError(f"{dataset}: {what} {path} lacks column {official!r} (found {found})")
-        selected[key] = by_key[_normalise(official)]
-    for key, official in (optional or {}).items():
+        selected[canonical] = by_key[_normalise(official)]
+    for canonical, official in (optional or {}).items():
         if _normalise(official) in by_key:
-            selected[key] = by_key[_normalise(official)]
+            selected[canonical] = by_key[_normalise(official)]
     table = frame[list(selected.values())].copy()
     table.columns = list(selected)
     for column in table.columns:
         if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
             table[column] = table[column].astype("string").str.strip().replace("", pd.NA)
-    return table.dropna(how="all").reset_index(drop=True)
+    table = table.dropna(how="all")
+    if table.empty:
+        raise ManifestError(f"{dataset}: {what} {path} has a header but no rows")
+    if key is None:
+        return table
+    headers = {name: str(selected[name]).strip() for name in table.columns}
+    return drop_repeated_rows(table, key, dataset=dataset, what=what, path=path, headers=headers)
+
+
+def _place(table: pd.DataFrame, label: object) -> str:
+    """'line 7' / 'row 7' for a row whose index is a line (row) number, else 'entry 7'."""
+    return f"{table.index.name or 'entry'} {label}"
+
+
+def drop_repeated_rows(table: pd.DataFrame, key: str, *, dataset: str, what: str, path: Path,
+                       headers: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Handle images listed more than once in one label file (compared by stem, ignoring case).
+
+    Repeats with identical values are harmless copies: all but the first are dropped with a
+    warning naming the lines. Repeats that disagree cannot be resolved here: raise a
+    :class:`ManifestError` listing each row's line and values (``headers`` maps columns to the
+    names shown, e.g. the official header). Rows without a key are left to the caller.
+    """
+    names = table[key].dropna()
+    stems = names.map(lambda name: stem_of(str(name)).lower())
+    repeated = stems[stems.duplicated(keep=False)]
+    if repeated.empty:
+        return table
+    headers = headers or {}
+    others = [column for column in table.columns if column != key]
+    identical, conflicting = [], []
+    for _, group in repeated.groupby(repeated, sort=False):
+        rows = table.loc[group.index]
+        places = ", ".join(_place(table, label) for label in group.index)
+        name = str(rows[key].iloc[0])
+        if len(rows[others].astype("string").fillna("").drop_duplicates()) == 1:
+            identical.append((f"{name!r} ({places})", group.index[1:]))
+        else:
+            values = "; ".join(
+                f"{_place(table, label)}: " + ", ".join(f"{headers.get(c, c)}={row[c]!r}" for c in others)
+                for label, row in rows.iterrows())
+            conflicting.append(f"{name!r} ({values})")
+    if conflicting:
+        raise ManifestError(f"{dataset}: {what} {path} lists {len(conflicting)} image(s) more than once with "
+                            f"different values: {' | '.join(conflicting[:5])}; keep one row per image")
+    warnings.warn(f"{dataset}: {what} {path} lists {len(identical)} image(s) more than once with identical "
+                  f"values; the repeats are ignored: {', '.join(text for text, _ in identical[:5])}", stacklevel=3)
+    return table.drop(index=[label for _, labels in identical for label in labels])
 
 
 def read_csv_table(path: Path, columns: Mapping[str, str], *, dataset: str, what: str,
-                   optional: Mapping[str, str] | None = None, sep: str = ",") -> pd.DataFrame:
-    """Read a label CSV (BOM tolerated, every cell as text) and :func:`select_columns` from it."""
+                   optional: Mapping[str, str] | None = None, sep: str = ",",
+                   key: str | None = "name") -> pd.DataFrame:
+    """Read a label CSV (BOM and Windows line endings tolerated, every cell as text) and
+    :func:`select_columns` from it. The index is the line number of each row in the file."""
     require_file(path, dataset, what)
+    if path.stat().st_size == 0:
+        raise ManifestError(f"{dataset}: {what} {path} is empty (0 bytes); download it again")
     try:
-        frame = pd.read_csv(path, sep=sep, dtype=str, encoding="utf-8-sig", skip_blank_lines=True)
+        frame = pd.read_csv(path, sep=sep, dtype=str, encoding="utf-8-sig", skip_blank_lines=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise ManifestError(f"{dataset}: cannot parse {what} {path}: {error}") from error
-    return select_columns(frame, columns, dataset=dataset, what=what, path=path, optional=optional)
+    frame.index = pd.RangeIndex(2, len(frame) + 2, name="line")  # line 1 is the header
+    return select_columns(frame, columns, dataset=dataset, what=what, path=path, optional=optional, key=key)
+
+
+def _cell(value: object) -> object:
+    """An xlrd cell value: "" -> NA, integral floats (xlrd's only number type) -> int, so a grade
+    reads ``3`` in tables and messages, as the sheet shows it."""
+    if value == "":
+        return pd.NA
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def read_xls_table(path: Path, columns: Mapping[str, str], *, dataset: str, what: str) -> pd.DataFrame:
     """Read the first sheet of an Excel 97-2003 ``.xls`` workbook (first row = header) with xlrd.
 
-    xlrd is called directly because pandas deprecates its xlrd engine; numbers come back as floats.
+    xlrd is called directly because pandas deprecates its xlrd engine. The index is each row's
+    number in the sheet, as Excel shows it.
     """
     import xlrd  # only the Messidor source needs it
 
@@ -99,8 +182,9 @@ def read_xls_table(path: Path, columns: Mapping[str, str], *, dataset: str, what
     if not values:
         raise ManifestError(f"{dataset}: {what} {path} is empty")
     header = [str(value) for value in values[0]]
-    rows = [[pd.NA if value == "" else value for value in row] for row in values[1:]]
-    frame = pd.DataFrame(rows, columns=header, dtype=object)
+    rows = [[_cell(value) for value in row] for row in values[1:]]
+    frame = pd.DataFrame(rows, columns=header, dtype=object,
+                         index=pd.RangeIndex(2, len(rows) + 2, name="row"))  # row 1 is the header
     return select_columns(frame, columns, dataset=dataset, what=what, path=path)
 
 
@@ -109,7 +193,8 @@ def grade_column(values: pd.Series, *, low: int, high: int, dataset: str, column
     """Parse a grade column to nullable integers in ``low..high``; raise naming bad rows.
 
     Numbers stored as floats (``2.0`` from .xls sheets) are accepted when integral. Missing
-    values raise unless ``allow_missing``.
+    values raise unless ``allow_missing``. Bad rows are named by image name, value and, when the
+    index holds them (tables from :func:`read_csv_table` / :func:`read_xls_table`), line number.
     """
     numbers = pd.to_numeric(values, errors="coerce")
     missing = values.isna()
@@ -117,7 +202,9 @@ def grade_column(values: pd.Series, *, low: int, high: int, dataset: str, column
     if not allow_missing:
         bad |= missing
     if bad.any():
-        examples = [f"{name}: {value!r}" for name, value in zip(names[bad][:5], values[bad][:5])]
+        where = values.index.name in ("line", "row")
+        examples = [f"{name}: {value!r}" + (f" ({values.index.name} {label})" if where else "")
+                    for label, name, value in zip(values.index[bad][:5], names[bad][:5], values[bad][:5])]
         raise ManifestError(f"{dataset}: column {column!r} of {path} must hold integers {low}..{high}"
                             f"{'' if allow_missing else ' (no blanks)'}; bad rows: {examples}")
     return numbers.astype("Int64")
@@ -133,12 +220,13 @@ def index_by_stem(folder: Path, dataset: str, suffixes: Iterable[str] = IMAGE_SU
     """Map lower-case file stem -> path for the files in ``folder`` with one of ``suffixes``.
 
     Look-ups ignore case and extension (Messidor-2 lists ``IM000013.jpg`` for ``IM000013.JPG``).
-    Two files with the same stem (``a.png`` and ``a.jpg``) are ambiguous and raise.
+    OS junk (``.DS_Store``, ``._IDRiD_01.jpg``, ``Thumbs.db``) is skipped. Two files with the same
+    stem (``a.png`` and ``a.jpg``) are ambiguous and raise.
     """
     allowed = {suffix.lower() for suffix in suffixes}
     index: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() not in allowed or not path.is_file():
+    for path in folder_files(folder):
+        if path.suffix.lower() not in allowed:
             continue
         key = path.stem.lower()
         if key in index:
@@ -187,13 +275,35 @@ def lesion_fields(masks: Mapping[str, Path | None], presence: Mapping[str, int] 
     return row
 
 
-def presence_from_masks(masks: Mapping[str, Path | None], rule: str) -> dict[str, int]:
+def presence_from_masks(masks: Mapping[str, Path | None], rule: str, *, dataset: str) -> dict[str, int]:
     """Image-level presence per annotated lesion: 1 where the mask, binarised by ``rule``, has a pixel.
 
     Needed where a mask file exists for every image even when it is empty (DDR) or may hold only
-    excluded pixels (Retinal-Lesions value 127). Reads each mask once.
+    excluded pixels (Retinal-Lesions value 127). Reads each mask once; an unreadable mask (zero
+    bytes, truncated) raises naming the dataset and the file.
     """
-    return {lesion: int(path is not None and bool(read_mask(path, rule).any())) for lesion, path in masks.items()}
+    try:
+        return {lesion: int(path is not None and bool(read_mask(path, rule).any())) for lesion, path in masks.items()}
+    except ManifestError as error:
+        raise ManifestError(f"{dataset}: {error}") from error
+
+
+def check_mask_files(paths: Iterable[Path | None], *, dataset: str) -> None:
+    """Raise naming the dataset and file when a mask file is empty or its header is not an image.
+
+    Cheap (reads only the header), for sources that do not decode their masks while loading
+    (IDRiD), so a broken download fails at load time instead of in the middle of training.
+    """
+    for path in paths:
+        if path is None:
+            continue
+        if path.stat().st_size == 0:
+            raise ManifestError(f"{dataset}: mask file {path} is empty (0 bytes); copy it again from the download")
+        try:
+            with Image.open(path):
+                pass
+        except Exception as error:  # PIL raises several unrelated types for corrupt files
+            raise ManifestError(f"{dataset}: mask file {path} is not a readable image: {error}") from error
 
 
 def image_problem(path: Path, black_level: int = 10) -> str | None:

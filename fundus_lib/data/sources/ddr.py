@@ -28,7 +28,8 @@ import pandas as pd
 
 from fundus_lib.data.manifest import ManifestError, make_manifest
 from fundus_lib.data.sources._common import (
-    find_image, grade_column, index_by_stem, lesion_fields, presence_from_masks, require_dir, require_file,
+    drop_repeated_rows, find_image, grade_column, index_by_stem, lesion_fields, presence_from_masks, require_dir,
+    require_file,
 )
 
 DATASET = "DDR"
@@ -49,9 +50,10 @@ def _check_splits(splits: Sequence[str]) -> tuple[str, ...]:
 
 
 def _read_list(path: Path) -> pd.DataFrame:
-    """Parse a ``<name> <label>`` list; raise naming the line that does not fit."""
+    """Parse a ``<name> <label>`` list (index: line numbers); raise naming the line that does not fit.
+    An image listed twice is handled by :func:`drop_repeated_rows`."""
     require_file(path, DATASET, "grading list")
-    names, labels = [], []
+    names, labels, numbers = [], [], []
     for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not line.strip():
             continue
@@ -60,7 +62,12 @@ def _read_list(path: Path) -> pd.DataFrame:
             raise ManifestError(f"{DATASET}: {path} line {number}: expected '<name> <label>', got {line!r}")
         names.append(fields[0])
         labels.append(fields[1])
-    return pd.DataFrame({"name": pd.Series(names, dtype="string"), "label": pd.Series(labels, dtype="string")})
+        numbers.append(number)
+    if not names:
+        raise ManifestError(f"{DATASET}: grading list {path} is empty")
+    table = pd.DataFrame({"name": names, "label": labels}, dtype="string",
+                         index=pd.Index(numbers, name="line"))
+    return drop_repeated_rows(table, "name", dataset=DATASET, what="grading list", path=path)
 
 
 def load_ddr_grading(root: str | Path, splits: Sequence[str] = ("train", "valid", "test")) -> pd.DataFrame:
@@ -110,5 +117,5 @@ def load_ddr_segmentation(root: str | Path, splits: Sequence[str] = ("train", "v
             masks = {lesion: mask_indexes[lesion].get(key) for lesion in SEGMENTATION_MASKS}
             rows.append({"image_id": path.stem, "image_path": str(path), "split": SPLITS[split],
                          "source": SOURCE, "mask_rule": "nonzero",
-                         **lesion_fields(masks, presence_from_masks(masks, "nonzero"))})
+                         **lesion_fields(masks, presence_from_masks(masks, "nonzero", dataset=DATASET))})
     return make_manifest(rows)

@@ -57,12 +57,18 @@ def _split_rows(root: Path, split: str) -> list[dict]:
 def load_eyepacs(root: str | Path, include_test: bool | None = None, check_images: bool = True) -> pd.DataFrame:
     """Manifest of EyePACS: the 35,126 training images, plus the test images when labelled.
 
-    ``include_test``: None reads the test set when ``retinopathy_solution.csv`` exists, True
-    requires it, False skips it. ``check_images`` skips black or unreadable images (warning).
+    ``include_test``: None reads the test set when ``retinopathy_solution.csv`` exists and the
+    ``test/`` folder too (labels without images: a warning, training set only), True requires
+    both, False skips it. ``check_images`` skips black or unreadable images (warning).
     """
     root = require_dir(Path(root).expanduser().resolve(), DATASET, "dataset root")
     if include_test and not (root / TEST_LABELS).is_file():
         raise ManifestError(f"{DATASET}: include_test=True but the test labels are missing: {root / TEST_LABELS}")
+    if include_test is None and (root / TEST_LABELS).is_file() and not (root / "test").is_dir():
+        warnings.warn(f"{DATASET}: found the test labels {root / TEST_LABELS} but no test image folder "
+                      f"{root / 'test'}; loading the training set only (download test/ or pass "
+                      "include_test=False to silence this)", stacklevel=2)
+        include_test = False
     splits = ["train"] + (["test"] if include_test or (include_test is None and (root / TEST_LABELS).is_file())
                           else [])
     rows = [row for split in splits for row in _split_rows(root, split)]

@@ -43,7 +43,7 @@ import pandas as pd
 
 from fundus_lib.data.manifest import ManifestError, make_manifest
 from fundus_lib.data.sources._common import (
-    find_image, grade_column, index_by_stem, lesion_fields, read_csv_table, require_dir,
+    check_mask_files, find_image, grade_column, index_by_stem, lesion_fields, read_csv_table, require_dir,
 )
 
 DATASET = "IDRiD"
@@ -121,7 +121,8 @@ def load_idrid_segmentation(root: str | Path, splits: Sequence[str] = ("train", 
     """Manifest of IDRiD part A (lesion segmentation): 54 train + 27 test images with MA/iHE/HaEx/CWS masks.
 
     Every image in the original-images folders is listed; its mask paths come from the five
-    ground-truth folders (a missing file = annotated but empty). No grades (NA).
+    ground-truth folders (a missing file = annotated but empty). Mask files are not decoded here,
+    but an empty or non-image mask file raises now, naming it. No grades (NA).
     """
     part = require_dir(Path(root).expanduser().resolve() / "A. Segmentation", DATASET, "'A. Segmentation'")
     rows = []
@@ -139,6 +140,7 @@ def load_idrid_segmentation(root: str | Path, splits: Sequence[str] = ("train", 
             masks = {lesion: mask_indexes[lesion].get(f"{path.stem}_{suffix}".lower())
                      for lesion, (_, suffix) in SEGMENTATION_MASKS.items()}
             disc = mask_indexes["OD"].get(f"{path.stem}_{OPTIC_DISC_MASKS[1]}".lower())
+            check_mask_files([*masks.values(), disc], dataset=DATASET)
             rows.append({
                 "image_id": path.stem, "image_path": str(path), "split": split, "source": SOURCE,
                 "mask_rule": "nonzero", **lesion_fields(masks),
@@ -158,9 +160,6 @@ def _read_markups(path: Path, what: str) -> pd.DataFrame:
             raise ManifestError(f"{DATASET}: {what} {path} has missing or invalid {axis} coordinates for "
                                 f"{table['name'][bad].tolist()[:5]}")
         table[axis] = numbers.astype(float)
-    duplicated = table["name"][table["name"].duplicated()].tolist()
-    if duplicated:
-        raise ManifestError(f"{DATASET}: {what} {path} lists images more than once: {duplicated[:5]}")
     return table.set_index("name")
 
 

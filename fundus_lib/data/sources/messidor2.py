@@ -43,7 +43,7 @@ EXAM_COLUMNS: dict[str, str] = {"left": "left", "right": "right"}
 
 def _exams(path: Path) -> dict[str, tuple[str, str]]:
     """lower-case image stem -> (exam id, eye) from the ADCIS exam list."""
-    table = read_csv_table(path, EXAM_COLUMNS, dataset=DATASET, what="exam list", sep=";")
+    table = read_csv_table(path, EXAM_COLUMNS, dataset=DATASET, what="exam list", sep=";", key=None)
     incomplete = table[["left", "right"]].isna().any(axis=1)
     if incomplete.any():
         raise ManifestError(f"{DATASET}: exam list {path} has lines without both eyes: "

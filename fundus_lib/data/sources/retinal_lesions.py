@@ -31,7 +31,7 @@ import pandas as pd
 
 from fundus_lib.data.manifest import LESIONS, ManifestError, make_manifest
 from fundus_lib.data.sources._common import (
-    find_image, grade_column, index_by_stem, kaggle_name, lesion_fields, presence_from_masks,
+    find_image, folder_files, grade_column, index_by_stem, kaggle_name, lesion_fields, presence_from_masks,
     read_csv_table, require_dir,
 )
 
@@ -50,11 +50,12 @@ MASK_FILES: dict[str, str] = {
 
 
 def _masks_of(folder: Path) -> dict[str, Path | None]:
-    """Mask path (or None) per lesion for one image's mask folder; unknown file names raise."""
+    """Mask path (or None) per lesion for one image's mask folder; unknown file names raise,
+    OS junk (``.DS_Store``, ``Thumbs.db``, ...) is skipped."""
     masks: dict[str, Path | None] = dict.fromkeys(LESIONS)
     if not folder.is_dir():
         return masks
-    for path in sorted(folder.iterdir()):
+    for path in folder_files(folder):
         lesion = MASK_FILES.get(path.stem.lower())
         if lesion is None or path.suffix.lower() != ".png":
             raise ManifestError(f"{DATASET}: unexpected file {path}; mask files are "
@@ -84,7 +85,7 @@ def load_retinal_lesions(root: str | Path) -> pd.DataFrame:
         masks = _masks_of(mask_root / path.stem)
         rows.append({"image_id": path.stem, "image_path": str(path), "source": SOURCE, "dr_grade": grade,
                      "patient_id": patient, "eye": eye, "mask_rule": "value255",
-                     **lesion_fields(masks, presence_from_masks(masks, "value255")),
+                     **lesion_fields(masks, presence_from_masks(masks, "value255", dataset=DATASET)),
                      "kaggle_grade": kaggle_grade})
     manifest = make_manifest(rows)
     manifest["kaggle_grade"] = manifest["kaggle_grade"].astype("Int64")

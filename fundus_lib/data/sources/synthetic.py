@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from fundus_lib.data.manifest import LESIONS, ManifestError, make_manifest
-from fundus_lib.data.sources._common import lesion_fields, require_dir, require_file
+from fundus_lib.data.sources._common import drop_repeated_rows, grade_column, lesion_fields, require_dir, require_file
 
 DATASET = "synthetic"
 
@@ -35,12 +35,19 @@ def load_synthetic(root: str | Path) -> pd.DataFrame:
     root = require_dir(Path(root), DATASET, "dataset").resolve()
     labels_path = require_file(root / "labels.csv", DATASET, "label file labels.csv")
     try:
-        labels = pd.read_csv(labels_path, dtype={"image_id": str, "split": str})
+        labels = pd.read_csv(labels_path, dtype={"image_id": str, "split": str}, encoding="utf-8-sig",
+                             skip_blank_lines=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise ManifestError(f"{DATASET}: cannot parse {labels_path}: {error}") from error
     missing = [column for column in REQUIRED_COLUMNS if column not in labels.columns]
     if missing:
         raise ManifestError(f"{DATASET}: {labels_path} lacks columns {missing}")
+    labels.index = pd.RangeIndex(2, len(labels) + 2, name="line")  # line numbers for the messages
+    labels = drop_repeated_rows(labels.dropna(how="all"), "image_id", dataset=DATASET, what="label file",
+                                path=labels_path)
+    for column, high in (("dr_grade", 4), ("dme_grade", 2)):
+        labels[column] = grade_column(labels[column], low=0, high=high, dataset=DATASET, column=column,
+                                      path=labels_path, names=labels["image_id"])
     for column in (f"lesion_{lesion}" for lesion in LESIONS):
         bad = labels.loc[~labels[column].isin([0, 1]), "image_id"].tolist()
         if bad:

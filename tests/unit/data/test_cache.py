@@ -111,7 +111,7 @@ def test_interrupted_write_leaves_no_partial_file(source, tmp_path, monkeypatch)
     def failing_save(self, fp, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:  # the second image's PNG: write half a file, then die
-            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+            fp.write(b"\x89PNG\r\n\x1a\n truncated")  # the open temporary file
             raise KeyboardInterrupt("power cut")
         return real_save(self, fp, *args, **kwargs)
 

@@ -82,13 +82,22 @@ def test_errata_update_replaces_the_original_with_a_warning(root):
     assert manifest.set_index("image_id").loc[name[:-4], "dr_grade"] == (dr + 1) % 4
 
 
-def test_name_listed_twice_keeps_the_first_row(root):
+def test_name_listed_twice_with_identical_values_keeps_one_row(root):
     rows = MESSIDOR_ROWS["Base21"]
-    write_xls(root / "Base21" / "Annotation_Base21.xls", [MESSIDOR_HEADER, *map(list, rows), list(rows[0][:2]) + [3, 2]])
-    with pytest.warns(UserWarning, match="listed more than once"):
+    write_xls(root / "Base21" / "Annotation_Base21.xls", [MESSIDOR_HEADER, *map(list, rows), list(rows[0])])
+    with pytest.warns(UserWarning, match=r"Annotation_Base21\.xls lists 1 image\(s\) more than once with identical "
+                                         r"values; the repeats are ignored: .*\(row 2, row 4\)"):
         manifest = load_messidor(root, bases=("Base21",))
     assert len(manifest) == 2
     assert manifest.set_index("image_id").loc[rows[0][0][:-4], "dr_grade"] == rows[0][2]
+
+
+def test_name_listed_twice_with_different_grades_is_an_error_naming_both_rows(root):
+    rows = MESSIDOR_ROWS["Base21"]
+    write_xls(root / "Base21" / "Annotation_Base21.xls", [MESSIDOR_HEADER, *map(list, rows), list(rows[0][:2]) + [3, 2]])
+    with pytest.raises(ManifestError, match=r"Annotation_Base21\.xls lists 1 image\(s\) more than once with different "
+                                            r"values: .*row 2: .*macular edema='1'; row 4: .*macular edema='2'"):
+        load_messidor(root, bases=("Base21",))
 
 
 def test_missing_workbook_is_named(root):

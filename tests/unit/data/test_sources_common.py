@@ -8,7 +8,8 @@ from PIL import Image
 
 from fundus_lib.data.manifest import LESIONS, ManifestError
 from fundus_lib.data.sources._common import (
-    grade_column, image_problem, index_by_stem, kaggle_name, lesion_fields, select_columns,
+    drop_repeated_rows, grade_column, image_problem, index_by_stem, is_os_junk, kaggle_name, lesion_fields,
+    select_columns,
 )
 
 
@@ -64,3 +65,23 @@ def test_image_problem_flags_black_and_truncated_images(tmp_path):
     assert image_problem(tmp_path / "fundus.jpeg") is None
     assert image_problem(tmp_path / "black.jpeg") == "black"
     assert image_problem(tmp_path / "cut.jpeg").startswith("unreadable")
+
+
+def test_drop_repeated_rows_keeps_one_identical_copy_and_names_conflicting_lines():
+    table = pd.DataFrame({"name": ["a.png", "b", "A", "c"], "dr": ["1", "2", "1", "0"]},
+                         index=pd.Index([2, 3, 5, 6], name="line"))
+    with pytest.warns(UserWarning, match=r"X: labels p lists 1 image\(s\) .* identical values; "
+                                         r".*'a\.png' \(line 2, line 5\)"):
+        kept = drop_repeated_rows(table, "name", dataset="X", what="labels", path=Path("p"))
+    assert kept["name"].tolist() == ["a.png", "b", "c"]
+    table.loc[5, "dr"] = "3"
+    with pytest.raises(ManifestError, match=r"different values: 'a\.png' \(line 2: grade='1'; line 5: grade='3'\)"):
+        drop_repeated_rows(table, "name", dataset="X", what="labels", path=Path("p"), headers={"dr": "grade"})
+
+
+def test_os_junk_is_recognised_and_skipped_by_the_image_index(tmp_path):
+    for name in (".DS_Store", "._a.png", "Thumbs.db", "desktop.ini", "a.png"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [is_os_junk(tmp_path / n) for n in (".DS_Store", "._a.png", "THUMBS.DB", "desktop.ini", "a.png")] == \
+        [True, True, True, True, False]
+    assert list(index_by_stem(tmp_path, "X")) == ["a"]
