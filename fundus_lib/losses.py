@@ -21,6 +21,7 @@ from typing import Callable, Mapping, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchvision.ops import sigmoid_focal_loss
 
 LossOutput = Union[Tensor, tuple[Tensor, dict[str, Tensor]]]
 LossFn = Callable[[Mapping[str, Tensor], Mapping[str, Tensor]], LossOutput]
@@ -168,7 +169,8 @@ class FocalLoss:
     """Sigmoid focal loss (Lin et al. 2017) averaged over valid pixels; alpha 0.8, gamma 2 as in Table 4.
 
     ``FL = -alpha_t (1 - p_t)^gamma log(p_t)`` with ``alpha_t = alpha`` on positives and
-    ``1 - alpha`` on negatives, identical to ``torchvision.ops.sigmoid_focal_loss`` elementwise.
+    ``1 - alpha`` on negatives: ``torchvision.ops.sigmoid_focal_loss`` elementwise, averaged here over
+    the pixels of annotated lesions only (which torchvision's reductions cannot express).
     """
 
     def __init__(self, alpha: float = 0.8, gamma: float = 2.0) -> None:
@@ -181,11 +183,8 @@ class FocalLoss:
 
     def __call__(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         logits, target, valid = _pixel_inputs(outputs, batch)
-        probs = torch.sigmoid(logits)
-        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        p_t = probs * target + (1.0 - probs) * (1.0 - target)
-        alpha_t = self.alpha * target + (1.0 - self.alpha) * (1.0 - target)
-        return _masked_mean(alpha_t * (1.0 - p_t) ** self.gamma * bce, valid)
+        elementwise = sigmoid_focal_loss(logits, target, alpha=self.alpha, gamma=self.gamma, reduction="none")
+        return _masked_mean(elementwise, valid)
 
 
 class DualLossSchedule:

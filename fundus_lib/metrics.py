@@ -22,9 +22,9 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from scipy import ndimage
 from scipy.special import softmax
 from scipy.stats import rankdata
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from sklearn.metrics import average_precision_score
 
 from fundus_lib.data.manifest import LESIONS
@@ -478,54 +478,35 @@ def _image_batch(pred: ArrayLike, target: ArrayLike, channels_last: bool) -> tup
 
 def psnr(pred: ArrayLike, target: ArrayLike, *, data_range: float = 1.0,
          channels_last: bool = False) -> float:
-    """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)``.
+    """Peak signal-to-noise ratio in dB, ``10 log10(data_range^2 / MSE)``
+    (``skimage.metrics.peak_signal_noise_ratio`` per image).
 
     A batch (N, C, H, W) gives the mean of the per-image PSNRs (the usual super-resolution
-    report); a single image equals ``skimage.metrics.peak_signal_noise_ratio``. ``inf`` for
-    identical images.
+    report). ``inf`` for identical images.
     """
     p, t = _image_batch(pred, target, channels_last)
-    mse = np.mean((p - t) ** 2, axis=(1, 2, 3))
     with np.errstate(divide="ignore"):
-        values = 10.0 * np.log10(data_range ** 2 / mse)
-    return float(values.mean())
+        values = [peak_signal_noise_ratio(t_i, p_i, data_range=data_range) for p_i, t_i in zip(p, t)]
+    return float(np.mean(values))
 
 
 def ssim(pred: ArrayLike, target: ArrayLike, *, data_range: float = 1.0, gaussian_weights: bool = True,
          sigma: float = 1.5, win_size: int = 7, use_sample_covariance: bool = False,
          channels_last: bool = False) -> float:
     """Mean structural similarity (Wang et al., 2004), computed per channel, averaged over channels
-    and then over the images of a batch.
+    and then over the images of a batch (``skimage.metrics.structural_similarity`` per image).
 
     Defaults follow Wang et al.: an 11x11 Gaussian window with ``sigma=1.5`` and population
-    covariance. ``gaussian_weights=False`` uses a ``win_size`` uniform window instead. The
-    result equals ``skimage.metrics.structural_similarity`` with the same arguments
-    (``channel_axis`` set for colour images); the filtering is vectorised over the batch.
+    covariance. ``gaussian_weights=False`` uses a ``win_size`` uniform window instead.
     """
     p, t = _image_batch(pred, target, channels_last)
-    if gaussian_weights:
-        truncate = 3.5
-        window = 2 * int(truncate * sigma + 0.5) + 1
-
-        def smooth(x: np.ndarray) -> np.ndarray:
-            return ndimage.gaussian_filter(x, sigma=(0, 0, sigma, sigma), truncate=truncate, mode="reflect")
-    else:
-        window = win_size
-
-        def smooth(x: np.ndarray) -> np.ndarray:
-            return ndimage.uniform_filter(x, size=(1, 1, window, window), mode="reflect")
+    window = 2 * int(3.5 * sigma + 0.5) + 1 if gaussian_weights else win_size  # skimage's Gaussian extent
     if window % 2 == 0 or window < 3:
         raise ValueError(f"the SSIM window must be odd and >= 3, got {window}")
     if min(p.shape[-2:]) < window:
         raise ValueError(f"images of size {p.shape[-2:]} are smaller than the {window}x{window} SSIM window")
-    n_window = window ** 2
-    cov_norm = n_window / (n_window - 1) if use_sample_covariance else 1.0
-    ux, uy = smooth(p), smooth(t)
-    vx = cov_norm * (smooth(p * p) - ux * ux)
-    vy = cov_norm * (smooth(t * t) - uy * uy)
-    vxy = cov_norm * (smooth(p * t) - ux * uy)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
-    pad = (window - 1) // 2
-    per_image = s[:, :, pad:s.shape[2] - pad, pad:s.shape[3] - pad].mean(axis=(1, 2, 3))
-    return float(per_image.mean())
+    values = [structural_similarity(t_i, p_i, data_range=data_range, channel_axis=0, win_size=window,
+                                    gaussian_weights=gaussian_weights, sigma=sigma,
+                                    use_sample_covariance=use_sample_covariance)
+              for p_i, t_i in zip(p, t)]
+    return float(np.mean(values))

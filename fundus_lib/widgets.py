@@ -11,7 +11,9 @@ Example::
 
     ImageExplorer(dataset, overlays=["masks"], labels=lambda i: f"DR {dataset[i]['dr']}")
     ImageExplorer(images, overlays={"Grad-CAM": cams, "GMSM": saliency})
-    ParameterExplorer(preprocess.clahe, image, clip_limit=(0.5, 4.0, 0.5))
+    ParameterExplorer(preprocess.clahe_green, image, clip=(0.5, 4.0, 0.5), tiles=(2, 16, 2))
+
+(tests/unit/test_widgets.py runs these three lines.)
 """
 from __future__ import annotations
 
@@ -188,7 +190,7 @@ class ParameterExplorer(_FigureView):
         if not callable(func):
             raise ValueError(f"func must be callable, got {type(func).__name__}")
         if not sliders:
-            raise ValueError("give at least one parameter slider, e.g. clip_limit=(0.5, 4.0, 0.5)")
+            raise ValueError("give at least one parameter slider, e.g. clip=(0.5, 4.0, 0.5)")
         self.func, self.image = func, image
         self.show_input, self.normalized, self.size = show_input, normalized, size
         self.controls: dict[str, widgets.ValueWidget] = {}

@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation
 
 from .backbones import Backbone, build_backbone
 
@@ -52,20 +53,15 @@ def _check_dropout(dropout: float) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
 
 
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
-
-
 def build_neck(neck: Neck, in_channels: int) -> tuple[nn.Module, int]:
     """The extra layers of "Joint training (complex)" / "(complex_v2)": (module, output channels)."""
     if neck == "none":
         return nn.Identity(), in_channels
     if neck == "complex":
-        return _conv_bn_relu(in_channels, 300, 3), 300
+        return Conv2dNormActivation(in_channels, 300, 3), 300
     if neck == "complex_v2":
-        return nn.Sequential(_conv_bn_relu(in_channels, 660, 1), _conv_bn_relu(660, 512, 3),
-                             _conv_bn_relu(512, 256, 3)), 256
+        return nn.Sequential(Conv2dNormActivation(in_channels, 660, 1), Conv2dNormActivation(660, 512, 3),
+                             Conv2dNormActivation(512, 256, 3)), 256
     raise ValueError(f"neck must be one of {NECKS}, got {neck!r}")
 
 

@@ -18,7 +18,7 @@ Models:
 - :class:`FCN`: FCN-32s/16s/8s (Long et al. 2015): a 1x1 score layer per tapped map, fused by addition.
 - :class:`UNet`: a U-Net decoder (bilinear upsampling, concatenation, two 3x3 conv blocks per level).
 - Patch-based FCN-32s: an ``FCN("32s")`` trained on :func:`to_patches` crops and applied with
-  :func:`predict_patches` (sliding window, overlapping scores averaged).
+  :func:`predict_patches` (sliding window inside the image, overlapping scores averaged).
 
 torchvision's Inception-v3 uses unpadded convolutions, so its maps are not exact powers of two of
 the input size (an 896 input gives a 26x26 ``Mixed_7c``): every upsampling therefore targets the
@@ -31,6 +31,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import Conv2dNormActivation
 
 from fundus_lib.models.backbones import Backbone, build_backbone
 
@@ -56,14 +57,6 @@ def _variant_stride(variant: str, allowed: Sequence[str]) -> int:
 def _upsample_to(x: Tensor, reference: Tensor) -> Tensor:
     """Bilinear interpolation of ``x`` to the spatial size of ``reference``."""
     return F.interpolate(x, size=reference.shape[-2:], mode="bilinear", align_corners=False)
-
-
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 class LesionSegmenter(nn.Module):
@@ -112,7 +105,7 @@ class LNetDecoder(nn.Module):
         running = channels[0]
         adjust = []
         for skip_channels in channels[1:]:
-            adjust.append(_conv_bn_relu(running, skip_channels, kernel_size=1))
+            adjust.append(Conv2dNormActivation(running, skip_channels, kernel_size=1))
             running = 2 * skip_channels
         self.adjust = nn.ModuleList(adjust)
         self.head = nn.Conv2d(running, n_lesions, kernel_size=1)
@@ -188,7 +181,8 @@ class UNetDecoder(nn.Module):
         running = channels[0]
         blocks = []
         for skip_channels, width in zip(channels[1:], widths):
-            blocks.append(nn.Sequential(_conv_bn_relu(running + skip_channels, width, 3), _conv_bn_relu(width, width, 3)))
+            blocks.append(nn.Sequential(Conv2dNormActivation(running + skip_channels, width, 3),
+                                        Conv2dNormActivation(width, width, 3)))
             running = width
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Conv2d(running, n_lesions, kernel_size=1)
@@ -247,25 +241,45 @@ def to_patches(images: Tensor, window: int, stride: int) -> Tensor:
     return columns.transpose(1, 2).reshape(batch * n_windows, channels, window, window)
 
 
+def window_starts(size: int, window: int, stride: int) -> list[int]:
+    """Offsets of the sliding windows along one axis: every ``stride``, plus one flush with the far edge.
+
+    Every window lies inside the image, so no border is padded: where ``size - window`` is not a
+    multiple of ``stride``, the last window is moved back to end at the border (it overlaps its
+    neighbour more) instead of reading zeros beyond it.
+    """
+    starts = list(range(0, size - window + 1, stride))
+    if starts[-1] != size - window:
+        starts.append(size - window)
+    return starts
+
+
 @torch.no_grad()
 def predict_patches(model: nn.Module, images: Tensor, window: int = 224, stride: int = 112,
                     batch_size: int = 16) -> Tensor:
     """Sliding-window lesion probabilities (B, m, H, W): run ``model`` on every window, average overlaps.
 
     Each pixel's probability is the mean of ``sigmoid(model(window)["masks"])`` over all windows
-    covering it (the paper averages scores from overlapping areas). Windows are cut with
-    ``F.unfold`` and the scores put back with ``F.fold``, batch_size windows per model call.
-    Put the model in eval mode first; it is run without gradients.
+    covering it (the paper averages scores from overlapping areas). Windows start every ``stride``
+    pixels and the last one on each axis ends at the border (:func:`window_starts`), so the model
+    never sees padding. Only ``batch_size`` windows are cut and held at a time. Put the model in
+    eval mode first; it is run without gradients.
     """
     _check_window(images, window, stride)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batch, _, height, width = images.shape
-    padded_size = (_padded_size(height, window, stride), _padded_size(width, window, stride))
-    patches = to_patches(images, window, stride)
-    n_windows = patches.shape[0] // batch
-    scores = torch.cat([torch.sigmoid(model(chunk)["masks"]) for chunk in patches.split(batch_size)])
-    n_lesions = scores.shape[1]
-    columns = scores.reshape(batch, n_windows, n_lesions * window * window).transpose(1, 2)
-    summed = F.fold(columns, padded_size, kernel_size=window, stride=stride)
-    ones = torch.ones(1, window * window, n_windows, dtype=scores.dtype, device=scores.device)
-    coverage = F.fold(ones, padded_size, kernel_size=window, stride=stride)
-    return (summed / coverage)[..., :height, :width]
+    positions = [(b, top, left) for b in range(batch) for top in window_starts(height, window, stride)
+                 for left in window_starts(width, window, stride)]
+    total: Tensor | None = None
+    count = torch.zeros(batch, 1, height, width, dtype=images.dtype, device=images.device)
+    for first in range(0, len(positions), batch_size):
+        chunk = positions[first:first + batch_size]
+        crops = torch.stack([images[b, :, top:top + window, left:left + window] for b, top, left in chunk])
+        scores = torch.sigmoid(model(crops)["masks"])
+        if total is None:
+            total = scores.new_zeros(batch, scores.shape[1], height, width)
+        for score, (b, top, left) in zip(scores, chunk):
+            total[b, :, top:top + window, left:left + window] += score
+            count[b, :, top:top + window, left:left + window] += 1
+    return total / count

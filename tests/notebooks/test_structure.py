@@ -1,11 +1,14 @@
 """Every notebook follows the course conventions (see DESIGN.md, "Notebooks")."""
 import ast
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from fundus_lib.config import resolve
+from fundus_lib.config import PARAMETERS, resolve
 from tests.notebooks.conftest import NOTEBOOKS, ROOT, notebook_params, parameters_cells, read
 
 MAX_BYTES = 2 * 1024 * 1024
@@ -25,28 +28,51 @@ def _literal(node: ast.AST) -> bool:
         return False
 
 
+def _parameter_statements(notebook) -> list[ast.AnnAssign]:
+    return ast.parse(parameters_cells(read(notebook))[0].source).body
+
+
 @notebook_params()
-def test_one_parameters_cell_of_literal_assignments(notebook):
+def test_one_parameters_cell_of_annotated_literal_assignments(notebook):
+    """Each line is `name: type = literal  # meaning`: papermill --help-notebook shows the type and
+    meaning, resolve() sees the literal, and the type is the one fundus_lib.config.PARAMETERS checks."""
     cells = parameters_cells(read(notebook))
     assert len(cells) == 1, f"{notebook.name}: expected exactly one cell tagged 'parameters', found {len(cells)}"
     tree = ast.parse(cells[0].source)
     assert tree.body, f"{notebook.name}: the parameters cell is empty"
+    lines = cells[0].source.splitlines()
     for statement in tree.body:
-        assert isinstance(statement, ast.Assign) and len(statement.targets) == 1 \
-            and isinstance(statement.targets[0], ast.Name) and _literal(statement.value), \
-            f"{notebook.name}: parameters cell line {statement.lineno} is not `name = literal`"
-    names = [s.targets[0].id for s in tree.body]
+        assert isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name) \
+            and isinstance(statement.annotation, ast.Name) and statement.value is not None \
+            and _literal(statement.value), \
+            f"{notebook.name}: parameters cell line {statement.lineno} is not `name: type = literal`"
+        name, kind = statement.target.id, statement.annotation.id
+        assert name in PARAMETERS and kind == PARAMETERS[name].kind.__name__, \
+            f"{notebook.name}: {name} is annotated {kind}, fundus_lib.config.PARAMETERS checks " \
+            f"{PARAMETERS[name].kind.__name__ if name in PARAMETERS else 'nothing'}"
+        assert re.search(r"  # \S", lines[statement.lineno - 1]), f"{notebook.name}: {name} has no `# meaning`"
+    names = [s.target.id for s in tree.body]
     assert "profile" in names, f"{notebook.name}: the parameters cell must set `profile`"
 
 
 @notebook_params()
 def test_parameters_match_the_presets(notebook):
-    names = {s.targets[0].id for s in ast.parse(parameters_cells(read(notebook))[0].source).body}
+    names = {s.target.id for s in _parameter_statements(notebook)}
     for profile in ("smoke", "quick"):
         preset = ROOT / "configs" / notebook.stem / f"{profile}.yaml"
         assert preset.is_file(), f"missing preset {preset}"
         keys = set(yaml.safe_load(preset.read_text()))
         assert keys == names, f"{preset.name} keys differ from the parameters cell: {sorted(keys ^ names)}"
+
+
+@notebook_params()
+def test_papermill_help_shows_every_parameter_with_type_and_meaning(notebook):
+    result = subprocess.run([str(Path(sys.executable).with_name("papermill")), "--help-notebook", str(notebook)],
+                            capture_output=True, text=True, check=True)
+    assert "Unknown type" not in result.stdout
+    for statement in _parameter_statements(notebook):
+        name, kind = statement.target.id, statement.annotation.id
+        assert re.search(rf"^  {name}: {kind} \(default ", result.stdout, re.M), f"{name} missing from:\n{result.stdout}"
 
 
 @notebook_params()
@@ -81,7 +107,7 @@ def test_committed_notebook_is_executed_small_and_records_results(notebook):
     assert not errors, f"{notebook.name}: committed outputs contain an error"
     assert any("record(" in c.source for c in code), f"{notebook.name}: no cell records results"
     profile_cell = parameters_cells(nb)[0].source
-    assert re.search(r"""^profile\s*=\s*["']quick["']""", profile_cell, re.M), \
+    assert re.search(r"""^profile(\s*:\s*str)?\s*=\s*["']quick["']""", profile_cell, re.M), \
         f"{notebook.name}: committed notebooks default to (and carry outputs of) the quick profile"
 
 

@@ -139,6 +139,23 @@ def test_focal_loss_matches_torchvision():
     assert masked.item() == pytest.approx(per_element[keep].mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("alpha,gamma", [(0.8, 2.0), (0.25, 0.0), (1.0, 3.5)])
+def test_focal_loss_equals_the_written_out_formula(alpha, gamma):
+    """Lin et al. 2017, Eq. 5: FL = -alpha_t (1 - p_t)^gamma log(p_t), the body FocalLoss had before
+    it called torchvision; averaged over annotated (image, lesion) pairs only."""
+    torch.manual_seed(5)
+    logits = 4 * torch.randn(2, 3, 6, 6)
+    masks = (torch.rand(2, 3, 6, 6) > 0.6).float()
+    valid = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    p_t = torch.where(masks == 1, torch.sigmoid(logits), 1 - torch.sigmoid(logits))
+    log_p_t = torch.where(masks == 1, F.logsigmoid(logits), F.logsigmoid(-logits))
+    alpha_t = torch.where(masks == 1, torch.tensor(alpha), torch.tensor(1 - alpha))
+    formula = -alpha_t * (1 - p_t) ** gamma * log_p_t
+    expected = formula[valid.bool()].mean()
+    ours = FocalLoss(alpha=alpha, gamma=gamma)(make_outputs(logits), make_batch(masks, valid))
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_weighted_bce_hand_computation():
     logits = torch.tensor([[[[2.0, -1.0], [0.5, -3.0]]]])  # (1,1,2,2)
     masks = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])  # 1 positive, 3 negatives -> weight 3

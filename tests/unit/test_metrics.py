@@ -315,6 +315,28 @@ def test_ssim_equals_skimage(seed: int, gaussian: bool) -> None:
     assert metrics.ssim(target, target) == pytest.approx(1.0)
 
 
+def test_psnr_and_ssim_equal_their_definitions() -> None:
+    """The formulas metrics.py computed by hand before it called skimage: PSNR = 10 log10(R^2 / MSE)
+    per image, then the batch mean; SSIM (Wang et al. 2004, Eq. 13) over every 7x7 window inside the
+    image with sample statistics, averaged over windows, channels and images."""
+    rng = np.random.default_rng(11)
+    target = _smooth_images(rng.random((2, 2, 12, 12)))
+    pred = np.clip(target + rng.normal(0, 0.05, target.shape), 0, 1)
+    mse = ((pred - target) ** 2).mean(axis=(1, 2, 3))
+    assert metrics.psnr(pred, target) == pytest.approx(np.mean(10 * np.log10(1.0 / mse)), rel=1e-12)
+    c1, c2, w = 0.01 ** 2, 0.03 ** 2, 7
+    values = []
+    for x_img, y_img in zip(pred.reshape(-1, 12, 12), target.reshape(-1, 12, 12)):
+        for top in range(12 - w + 1):
+            for left in range(12 - w + 1):
+                x, y = x_img[top:top + w, left:left + w].ravel(), y_img[top:top + w, left:left + w].ravel()
+                cov = np.cov(x, y)  # sample (n - 1) statistics
+                values.append((2 * x.mean() * y.mean() + c1) * (2 * cov[0, 1] + c2)
+                              / ((x.mean() ** 2 + y.mean() ** 2 + c1) * (cov[0, 0] + cov[1, 1] + c2)))
+    ours = metrics.ssim(pred, target, gaussian_weights=False, win_size=w, use_sample_covariance=True)
+    assert ours == pytest.approx(np.mean(values), abs=1e-10)
+
+
 def test_sr_metric_errors() -> None:
     with pytest.raises(ValueError, match="same shape"):
         metrics.psnr(np.zeros((3, 8, 8)), np.zeros((3, 8, 9)))

@@ -130,3 +130,23 @@ def test_parameter_explorer_options_and_errors() -> None:
         widgets.ParameterExplorer(lambda image, k: image, IMAGES[0], k=object())
     with pytest.raises(ValueError, match="callable"):
         widgets.ParameterExplorer("not a function", IMAGES[0], k=(1, 3))
+
+
+def test_the_module_docstring_examples_run() -> None:
+    """The three lines after ``Example::`` in fundus_lib.widgets, on a dataset-like list of samples."""
+    from fundus_lib import preprocess
+
+    example = widgets.__doc__.split("Example::")[1].split("\n\n")[1]
+    lines = [line.strip() for line in example.splitlines() if line.strip()]
+    assert len(lines) == 3
+    masks = torch.zeros(8, 24, 32)
+    dataset = [{"image": torch.from_numpy(IMAGES[i] / 255.0).permute(2, 0, 1).float(), "masks": masks, "dr": i % 5}
+               for i in range(5)]
+    namespace = {"ImageExplorer": widgets.ImageExplorer, "ParameterExplorer": widgets.ParameterExplorer,
+                 "preprocess": preprocess, "dataset": dataset, "images": IMAGES, "cams": CAMS, "saliency": CAMS,
+                 "image": IMAGES[0]}
+    explorers = [eval(line, namespace) for line in lines]  # noqa: S307 - the module's own example
+    assert explorers[0].current["title"].endswith("DR 0 | masks")
+    clahe = explorers[2]
+    clahe.controls["clip"].value = 4.0
+    np.testing.assert_array_equal(clahe.result, preprocess.clahe_green(IMAGES[0], clip=4.0, tiles=clahe.params["tiles"]))

@@ -12,7 +12,8 @@ from torch import nn
 
 import fundus_lib.models.lnet as lnet_module
 from fundus_lib.models.backbones import build_backbone
-from fundus_lib.models.lnet import FCN, LNet, UNet, VARIANTS, predict_patches, tapped_stages, to_patches
+from fundus_lib.models.lnet import (FCN, LNet, UNet, VARIANTS, predict_patches, tapped_stages, to_patches,
+                                   window_starts)
 
 SIZE = (99, 120)  # odd, non-square: Inception-v3 maps are not powers of two of the input
 EXPECTED_TAPS = {
@@ -151,7 +152,7 @@ def test_to_patches_cuts_raster_order_windows():
     torch.testing.assert_close(patches[6], images[1, :, 4:8, 0:4])
 
 
-@pytest.mark.parametrize("height,width", [(10, 10), (11, 13)])  # windows tile exactly / need padding
+@pytest.mark.parametrize("height,width", [(10, 10), (11, 13)])  # windows tile exactly / last one moved back
 def test_predict_patches_identity_model_gives_sigmoid_of_input(height, width):
     images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(3))
     probs = predict_patches(LogitsAreInput(), images, window=4, stride=3, batch_size=5)
@@ -175,3 +176,57 @@ def test_predict_patches_averages_overlapping_windows():
         predict_patches(PatchMean(), images, window=12, stride=2)
     with pytest.raises(ValueError, match="stride"):
         predict_patches(PatchMean(), images, window=4, stride=5)
+
+
+class SmallConvNet(nn.Module):
+    """A model with a 5x5 receptive field and zero padding: its output near a window's edge depends on
+    where the window was cut, so a wrong window position or a padded border changes the result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 2, 3, padding=1))
+        self.calls: list[int] = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return {"masks": 3 * self.net(x)}
+
+
+def test_window_starts_cover_the_axis_without_leaving_it():
+    assert window_starts(10, 4, 3) == [0, 3, 6]  # 6 + 4 = 10: exact tiling
+    assert window_starts(11, 4, 3) == [0, 3, 6, 7]  # the last window ends at the border
+    assert window_starts(4, 4, 2) == [0]
+
+
+@pytest.mark.parametrize("height,width,window,stride", [(19, 23, 8, 5), (16, 16, 8, 4), (9, 30, 9, 7)])
+def test_predict_patches_equals_a_direct_overlap_average(height, width, window, stride):
+    """Reference: cut every window of the image by hand (offsets every ``stride`` plus one flush with the
+    border), run the model on each alone, and average the sigmoid scores per pixel."""
+    images = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(7))
+    model = SmallConvNet().eval()
+    rows = sorted(set(range(0, height - window + 1, stride)) | {height - window})
+    cols = sorted(set(range(0, width - window + 1, stride)) | {width - window})
+    total = torch.zeros(2, 2, height, width)
+    count = torch.zeros(2, 1, height, width)
+    with torch.no_grad():
+        for top in rows:
+            for left in cols:
+                crop = images[:, :, top:top + window, left:left + window]
+                total[:, :, top:top + window, left:left + window] += torch.sigmoid(model(crop)["masks"])
+                count[:, :, top:top + window, left:left + window] += 1
+    model.calls.clear()
+    probs = predict_patches(model, images, window=window, stride=stride, batch_size=3)
+    torch.testing.assert_close(probs, total / count)
+    n_windows = 2 * len(rows) * len(cols)
+    assert sum(model.calls) == n_windows and max(model.calls) <= 3  # every window once, in batches of 3
+
+
+def test_predict_patches_with_one_window_is_the_whole_image_prediction():
+    images = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(8))
+    model = SmallConvNet().eval()
+    with torch.no_grad():
+        whole = torch.sigmoid(model(images)["masks"])
+    torch.testing.assert_close(predict_patches(model, images, window=12, stride=6), whole)
+    with pytest.raises(ValueError, match="batch_size"):
+        predict_patches(model, images, window=12, stride=6, batch_size=0)
