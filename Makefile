@@ -48,9 +48,11 @@ lock:
 	    --python-version 3.11 --generate-hashes --constraint requirements/torch-pair.txt \
 	    --custom-compile-command "make lock" --quiet --output-file $(LOCK)
 
-## run: execute every notebook in the quick profile into runs/<timestamp>/ and write summary.md
+## run: execute every notebook in profile PROFILE (default quick; PROFILE=gpu on a GPU also writes
+## results/<notebook>/gpu.json) into runs/<timestamp>/ and write summary.md
+PROFILE ?= quick
 run: $(STAMP)
-	$(BIN)/python -m fundus_lib.runner --profile quick
+	$(BIN)/python -m fundus_lib.runner --profile $(PROFILE)
 
 ## test: unit tests, then every notebook executed in the smoke profile (papermill + nbval)
 test: $(STAMP)

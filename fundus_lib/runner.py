@@ -3,10 +3,16 @@
     python -m fundus_lib.runner --profile quick                 # -> runs/<timestamp>/, summary.md
     python -m fundus_lib.runner --profile smoke --only 00 11    # a subset, by number prefix
     python -m fundus_lib.runner --profile quick --in-place      # refresh the committed outputs
+    python -m fundus_lib.runner --profile gpu                   # reference results on a GPU
 
 Each notebook runs in its own kernel with ``profile`` injected (every other parameter falls back
 to ``configs/<notebook>/<profile>.yaml``). A failing notebook is reported by name with the
 failing cell's traceback; the others still run. The exit status is 1 when any notebook failed.
+
+Runs whose numbers are committed — ``--in-place`` (quick) and every ``gpu`` run — also write
+``results/<notebook>/<profile>.json``: every recorded metric with the hardware, software versions,
+commit, date and minutes of the run (:func:`write_results`), for the notebooks to show beside
+their own numbers.
 """
 from __future__ import annotations
 
@@ -61,6 +67,27 @@ def _summarise_metrics(path: Path) -> dict:
     return {k: v["value"] for k, v in data.items() if not k.startswith("_") and isinstance(v["value"], (int, float))}
 
 
+def write_results(result: NotebookResult, sidecar: Path, profile: str, root: Path) -> Path:
+    """``results/<notebook>/<profile>.json`` from a finished run's metrics sidecar (written atomically)."""
+    from fundus_lib.nbtools import environment
+    from fundus_lib.utils import atomic_write
+
+    recorded = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+    meta = recorded.pop("_meta", {})
+    facts = environment()
+    payload = {
+        "notebook": result.name, "profile": profile, "data": meta.get("data"),
+        "hardware": facts["device"], "environment": facts, "commit": facts["git commit"],
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"), "minutes": round(result.minutes, 2),
+        "parameters": meta.get("parameters"), "metrics": recorded,
+    }
+    path = root / "results" / result.name / f"{profile}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as stream:
+        stream.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return path
+
+
 def run_notebook(notebook: Path, out_dir: Path, profile: str, root: Path, inject: bool) -> NotebookResult:
     """Execute one notebook into ``out_dir`` with papermill; never raises for a notebook failure."""
     import papermill as pm
@@ -97,7 +124,7 @@ def run_notebook(notebook: Path, out_dir: Path, profile: str, root: Path, inject
 def write_summary(results: list[NotebookResult], path: Path, profile: str) -> None:
     """``summary.md``: one row per notebook with status, minutes and recorded metrics."""
     lines = [f"# Notebook run — profile `{profile}`, {datetime.now():%Y-%m-%d %H:%M}", "",
-             "Numbers from the `smoke` and `quick` profiles are measured on the synthetic benchmark.", "",
+             "Numbers from the `smoke`, `quick` and `gpu` profiles are measured on the synthetic benchmark.", "",
              "| notebook | status | minutes | recorded metrics |", "|---|---|---|---|"]
     for result in results:
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.metrics.items())
@@ -134,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             staged = notebook.with_suffix(".ipynb.tmp")
             shutil.copyfile(executed, staged)
             os.replace(staged, notebook)  # atomic: a committed notebook is never half-written
+        if result.status == "ok" and (args.in_place or args.profile == "gpu"):
+            print(f"  results: {write_results(result, out_dir / f'{notebook.stem}.metrics.json', args.profile, root)}")
         results.append(result)
     summary = out_dir / "summary.md"
     write_summary(results, summary, args.profile)

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from fundus_lib.utils import choose_device
+from fundus_lib.utils import atomic_write, choose_device
 
 LossFn = Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], "torch.Tensor | tuple[torch.Tensor, dict]"]
 MetricsFn = Callable[[dict[str, np.ndarray], dict[str, np.ndarray]], Mapping[str, float]]
@@ -293,26 +293,21 @@ def evaluate(model: nn.Module, loader: Iterable, *, loss_fn: LossFn | None = Non
 # --------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """Write a checkpoint atomically: to a temporary file in the same folder, then rename.
+    """Write a checkpoint atomically (:func:`~fundus_lib.utils.atomic_write`: a temporary file in the
+    same folder, then a rename), so ``path`` is always the previous checkpoint or the complete new one.
 
-    A failed write (disk full, read-only folder) removes its temporary file and raises
-    :class:`CheckpointError` naming the checkpoint; the previous checkpoint stays intact.
-    Temporary files left by a killed process are removed by the next save.
+    A failed write (disk full, read-only folder) raises :class:`CheckpointError` naming the
+    checkpoint and leaves no temporary file; one left by a killed process is removed by the next save.
     """
     path = Path(path)
-    temporary = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f"{path.name}.tmp*"):
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-        torch.save(state, temporary)
-        os.replace(temporary, path)
+        with atomic_write(path, "wb") as stream:
+            torch.save(state, stream)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {path}: {error}") from error
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> dict:

@@ -59,14 +59,18 @@ def choose_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else the count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_num_workers(requested: int | None = None) -> int:
-    """DataLoader workers: ``requested`` when given, else ``min(4, cpu_count - 1)`` (0 on 1 core)."""
+    """DataLoader workers: ``requested`` when given, else ``min(4, cores - 1)`` (0 on 1 core)."""
     if requested is not None:
         if requested < 0:
             raise ValueError(f"num_workers must be >= 0, got {requested}")
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(4, cores - 1))
+    return max(0, min(4, usable_cores() - 1))
 
 
 class Timer:

@@ -17,7 +17,6 @@ DistributedDataParallel, ``loader.shard(rank, world)``.
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Sequence
@@ -29,6 +28,7 @@ from fundus_lib.data.batch_augment import BatchAugment
 from fundus_lib.data.datasets import FundusDataset
 from fundus_lib.data.patches import grid_patch_labels
 from fundus_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from fundus_lib.utils import usable_cores
 
 #: Sample keys read from the dataset into memory (everything else is computed per batch).
 _STORED_KEYS = ("dr", "dme", "masks", "mask_valid", "lesion_present")
@@ -59,7 +59,7 @@ class TensorData:
         self.needs_masks = bool({"masks", "patch_labels"} & set(self.tasks))
         reader = FundusDataset(dataset.manifest, tasks=self._reading_tasks(), image_size=dataset.image_size,
                                lr_scale=dataset.lr_scale, normalize=False)
-        workers = threads or min(8, os.cpu_count() or 1)
+        workers = threads or min(8, usable_cores())
         with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding and resizing release the GIL
             samples = list(pool.map(reader.__getitem__, range(len(reader))))
         self.images = torch.stack([(s["hr_image"] * 255).round_().to(torch.uint8) for s in samples])

@@ -27,7 +27,7 @@ from fundus_lib.data.datasets import FundusDataset
 from fundus_lib.data.in_memory import TensorData, TensorLoader, tensor_bytes
 from fundus_lib.data.manifest import SPLITS, make_manifest
 from fundus_lib.data.transforms import eval_transform, train_transform
-from fundus_lib.utils import default_num_workers, seed_everything, seed_worker
+from fundus_lib.utils import default_num_workers, seed_everything, seed_worker, usable_cores
 
 #: Share of an official training set held out for validation when a dataset has no val split.
 VALIDATION_SHARE = 0.15
@@ -36,6 +36,12 @@ VALIDATION_SHARE = 0.15
 def split_seed(seed: int, split: str) -> int:
     """A distinct, reproducible generator seed per split, derived from the run seed."""
     return int(np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(1)[0])
+
+
+def generation_workers(n_images: int) -> int:
+    """Processes for writing ``n_images`` synthetic images: one per core (up to 16), none for small sets.
+    The images do not depend on it (write_dataset renders each image from its own seed)."""
+    return max(1, min(16, usable_cores(), n_images // 64))
 
 
 def synthetic_benchmark(n_train: int, n_val: int, n_test: int, image_size: int, seed: int, *,
@@ -55,7 +61,7 @@ def synthetic_benchmark(n_train: int, n_val: int, n_test: int, image_size: int, 
         folder = Path(root) / key / split
         if not (folder / "labels.csv").is_file():
             write_dataset(folder, n=count, size=image_size, seed=split_seed(seed, split), domain=domain,
-                          difficulty=difficulty)
+                          difficulty=difficulty, workers=generation_workers(count))
         part = load_synthetic(folder)
         # Every split is its own draw (own seed) with ids restarting at 0: prefix them so each
         # image and each synthetic "patient" is unique across splits.

@@ -55,17 +55,16 @@ def main() -> None:
 
     real_save = torch.save
 
-    def dying_save(state, path):
+    def dying_save(state, stream):
         calls["save"] += 1
         if calls["save"] == args.kill_in_save:
             buffer = io.BytesIO()
             real_save(state, buffer)
-            with open(path, "wb") as handle:
-                handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-                handle.flush()
-                os.fsync(handle.fileno())
+            stream.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            stream.flush()
+            os.fsync(stream.fileno())
             os.kill(os.getpid(), signal.SIGKILL)
-        real_save(state, path)
+        real_save(state, stream)
 
     torch.save = dying_save
     history = train.fit(model, loss_fn, loaders["train"], loaders["val"], epochs=4, lr=1e-2, device="cpu",

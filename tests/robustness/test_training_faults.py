@@ -110,8 +110,8 @@ def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temporary_fi
     save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 1})
     real_save = torch.save
 
-    def failing_save(state, target):
-        Path(target).write_bytes(b"half a checkpoint")
+    def failing_save(state, stream):
+        stream.write(b"half a checkpoint")
         raise OSError(error, "simulated")
 
     monkeypatch.setattr(torch, "save", failing_save)

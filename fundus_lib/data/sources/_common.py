@@ -8,7 +8,6 @@ points a notebook at a half-unpacked download learns at once what is missing.
 """
 from __future__ import annotations
 
-import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from fundus_lib.data.manifest import LESIONS, ManifestError, read_mask
+from fundus_lib.utils import usable_cores
 
 #: File suffixes accepted as images (and as lossy copies of mask files), compared lower-case.
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
@@ -323,6 +323,6 @@ def image_problem(path: Path, black_level: int = 10) -> str | None:
 
 def image_problems(paths: Iterable[Path], black_level: int = 10) -> list[str | None]:
     """:func:`image_problem` for many images, decoded in threads (PIL releases the GIL while decoding)."""
-    workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = min(8, usable_cores())
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda path: image_problem(path, black_level), paths))
