@@ -31,6 +31,9 @@ DATASETS: tuple[str, ...] = (
     "synthetic", "idrid_grading", "idrid_segmentation", "messidor", "messidor2", "aptos", "eyepacs",
     "ddr_grading", "ddr_segmentation", "retinal_lesions",
 )
+#: How make_loaders serves batches: "auto" decides by size, "memory" (uint8 tensors, augmentation on
+#: the device) or "stream" (DataLoader workers); see fundus_lib.data.pipeline.choose_data_path.
+DATA_PATHS: tuple[str, ...] = ("auto", "memory", "stream")
 _LITERAL_TYPES = (int, float, str, bool, list, tuple, dict, type(None))
 _IPYTHON_NAMES = frozenset({"In", "Out", "exit", "quit", "get_ipython"})
 
@@ -120,6 +123,9 @@ PARAMETERS: dict[str, Param] = {
     "lr": Param(float, "learning rate", 1e-8, 10.0),
     "weight_decay": Param(float, "L2 weight decay", 0.0, 1.0),
     "num_workers": Param(int, "DataLoader worker processes", 0, 64),
+    "data_path": Param(str, "how batches are served: auto (by size), memory (tensors, GPU augmentation) or "
+                            "stream (DataLoader workers)", choices=DATA_PATHS),
+    "compile": Param(bool, "train torch.compile(model): pays off on long GPU runs, not for short ones"),
     "backbone": Param(str, "torchvision feature extractor",
                       choices=("resnet18", "resnet34", "resnet50", "densenet121", "densenet161", "inception_v3")),
     "weights": Param(str, "backbone initialisation: 'none', 'imagenet' or a path to a state dict"),

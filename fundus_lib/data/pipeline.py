@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from fundus_lib.config import RunConfig
+from fundus_lib.config import DATA_PATHS, RunConfig
 from fundus_lib.data.batch_augment import BatchAugment
 from fundus_lib.data.datasets import FundusDataset
 from fundus_lib.data.in_memory import TensorData, TensorLoader, tensor_bytes
@@ -109,7 +109,6 @@ def load_dataset(cfg: RunConfig) -> pd.DataFrame:
 
 #: Share of the machine's memory the in-memory path may take for one call of :func:`make_loaders`.
 MEMORY_SHARE = 0.25
-DATA_PATHS: tuple[str, ...] = ("auto", "memory", "stream")
 
 
 def _total_memory() -> int:
