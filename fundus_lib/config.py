@@ -7,10 +7,13 @@ its own values after it), followed by ``cfg = resolve(globals(), notebook="11_ca
 1. keeps the literal-valued names of the namespace (the parameters; imports are ignored),
 2. rejects names the notebook does not declare (its ``configs/<notebook>/quick.yaml`` lists them),
 3. fills every ``None`` from, in order: an environment variable ``FUNDUS_<NAME>`` (e.g.
-   ``FUNDUS_DATA_DIR``, ``FUNDUS_DEVICE``), then the profile preset
-   ``configs/<notebook>/<profile>.yaml`` (profiles "smoke", "quick" and "gpu"; "full" has no preset: a
-   ``configs/<notebook>/full-<dataset>.yaml`` file passed to papermill gives every value),
+   ``FUNDUS_DATA_DIR``, ``FUNDUS_DEVICE``; read as the parameter's declared type, so a path stays
+   the text it is), then the profile preset ``configs/<notebook>/<profile>.yaml`` (profiles
+   "smoke", "quick" and "gpu"; "full" has no preset: a ``configs/<notebook>/full-<dataset>.yaml``
+   file passed to papermill gives every value),
 4. checks every value's type, range and choices against :data:`PARAMETERS`,
+5. decides what data the run uses, by one rule (:func:`data_problems`): ``data_dir`` set means a
+   real dataset, named by ``dataset``; it never silently falls back to the synthetic benchmark,
 
 and raises ONE :class:`ConfigError` listing every bad or unknown parameter.
 """
@@ -31,6 +34,12 @@ DATASETS: tuple[str, ...] = (
     "synthetic", "idrid_grading", "idrid_segmentation", "messidor", "messidor2", "aptos", "eyepacs",
     "ddr_grading", "ddr_segmentation", "retinal_lesions",
 )
+#: How each dataset is named in titles, table headers and sentences (see :attr:`RunConfig.data_label`).
+DATASET_NAMES: dict[str, str] = {
+    "synthetic": "synthetic benchmark", "idrid_grading": "IDRiD", "idrid_segmentation": "IDRiD segmentation",
+    "messidor": "Messidor", "messidor2": "Messidor-2", "aptos": "APTOS 2019", "eyepacs": "EyePACS",
+    "ddr_grading": "DDR", "ddr_segmentation": "DDR segmentation", "retinal_lesions": "Retinal-Lesions",
+}
 #: How make_loaders serves batches: "auto" decides by size, "memory" (uint8 tensors, augmentation on
 #: the device) or "stream" (DataLoader workers); see fundus_lib.data.pipeline.choose_data_path.
 DATA_PATHS: tuple[str, ...] = ("auto", "memory", "stream")
@@ -175,6 +184,13 @@ class RunConfig:
         return self.values.get("dataset", "synthetic") == "synthetic"
 
     @property
+    def data_label(self) -> str:
+        """The data this run uses, as titles, headers and sentences name it: "synthetic benchmark", or
+        the dataset followed by "(real)", e.g. "IDRiD (real)". Notebooks never type the data's name."""
+        dataset = self.values.get("dataset", "synthetic")
+        return DATASET_NAMES[dataset] if dataset == "synthetic" else f"{DATASET_NAMES[dataset]} (real)"
+
+    @property
     def generated_dir(self) -> Path:
         """Where generated data (synthetic datasets, caches) lives: ``data/generated``."""
         return self.project_root / "data" / "generated"
@@ -237,12 +253,71 @@ def literal_parameters(namespace: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _parse_env(text: str) -> Any:
-    """Environment values are YAML scalars: '3' -> 3, '1e-3' -> 0.001, 'cuda' -> 'cuda'."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str) and value.lower() in ("none", "null"):
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def parse_env(name: str, text: str) -> Any:
+    """The value of environment variable ``FUNDUS_<NAME>`` read as parameter ``name``'s declared type.
+
+    Text stays text (``FUNDUS_DATA_DIR="/x #2"`` is the folder ``/x #2``); int, float and bool
+    parameters parse their literal (``3``; ``1e-3`` or YAML's ``.nan``; ``true``/``false``/``yes``/``no``/``1``/``0``),
+    lists a YAML/JSON list (``[0.0, 0.5]``); ``none`` or ``null`` leaves a nullable parameter unset.
+    Raises :class:`ConfigError` naming the variable when the text is not of that type.
+    """
+    variable = f"FUNDUS_{name.upper()}"
+    spec = PARAMETERS[name]
+    if spec.nullable and text.strip().lower() in ("none", "null"):
         return None
-    return value
+    if spec.kind is str:
+        return text
+    stripped = text.strip()
+    try:
+        if spec.kind is int:
+            return int(stripped)
+        if spec.kind is float:
+            try:
+                return float(stripped)
+            except ValueError:  # YAML spellings: ".nan", ".inf" (refused later as not finite)
+                value = yaml.safe_load(stripped)
+                if isinstance(value, float):
+                    return value
+                raise
+        if spec.kind is bool:
+            if stripped.lower() in _TRUE + _FALSE:
+                return stripped.lower() in _TRUE
+            raise ValueError
+        value = yaml.safe_load(stripped)
+        if not isinstance(value, spec.kind):
+            raise ValueError
+        return value
+    except (ValueError, yaml.YAMLError):
+        raise ConfigError(f"{variable}={text!r} cannot be read as {spec.kind.__name__}; expected {spec.describe()}") from None
+
+
+def data_problems(values: Mapping[str, Any], origin: Mapping[str, str]) -> list[str]:
+    """The one rule for the data a run uses (empty list when it holds).
+
+    ``data_dir`` (a parameter or ``FUNDUS_DATA_DIR``) names a real dataset folder, so ``dataset``
+    must say which dataset's layout it holds: a ``data_dir`` with ``dataset`` "synthetic" (or
+    unset) is refused rather than silently ignored. A real ``dataset`` needs an existing
+    ``data_dir``. ``origin`` says where each value came from, for the message.
+    """
+    if "dataset" not in values or "data_dir" not in values:
+        return []
+    dataset, data_dir = values["dataset"], values["data_dir"]
+    real = [name for name in DATASETS if name != "synthetic"]
+    if data_dir is not None and dataset in (None, "synthetic"):
+        return [f"data_dir={data_dir!r} ({origin['data_dir']}) is a real dataset folder, but dataset is "
+                f"{dataset!r} ({origin['dataset']}); set dataset to the layout it holds, one of {real} "
+                "(see data/README.md), or unset data_dir to use the synthetic benchmark"]
+    if dataset not in (None, "synthetic") and dataset in DATASETS:
+        if data_dir is None:
+            return [f"dataset={dataset!r} ({origin['dataset']}) needs data_dir, the folder of its official "
+                    "download (see data/README.md): pass -p data_dir or set FUNDUS_DATA_DIR"]
+        if isinstance(data_dir, str) and not Path(data_dir).expanduser().is_dir():
+            return [f"data_dir={data_dir!r} ({origin['data_dir']}) is not a folder"]
+    return []
 
 
 def resolve(params: Mapping[str, Any], notebook: str, root: Path | None = None) -> RunConfig:
@@ -270,10 +345,15 @@ def resolve(params: Mapping[str, Any], notebook: str, root: Path | None = None) 
                             "fundus_lib.config.PARAMETERS (add its type and range there)")
 
     values: dict[str, Any] = {name: given.get(name) for name in declared}
+    origin = {name: "parameter" for name in declared}
     for name in declared:
         env = os.environ.get(f"FUNDUS_{name.upper()}")
-        if values[name] is None and env is not None:
-            values[name] = _parse_env(env)
+        if values[name] is None and env is not None and name in PARAMETERS:
+            try:
+                values[name] = parse_env(name, env)
+                origin[name] = f"from FUNDUS_{name.upper()}"
+            except ConfigError as error:
+                problems.append(str(error))
 
     profile = values.get("profile")
     if profile in PRESET_PROFILES:
@@ -281,12 +361,15 @@ def resolve(params: Mapping[str, Any], notebook: str, root: Path | None = None) 
         for name in declared:
             if values[name] is None:
                 values[name] = preset.get(name)
+                origin[name] = f"{profile} preset"
     for name in declared:
         spec = PARAMETERS.get(name)
         if spec is not None:
             if spec.kind is float and isinstance(values[name], int) and not isinstance(values[name], bool):
                 values[name] = float(values[name])
             problems.extend(spec.problems(name, values[name]))
+    problems.extend(data_problems(values, {name: origin[name] if values[name] is not None else "not set"
+                                           for name in declared}))
 
     if problems:
         raise ConfigError(f"invalid parameters for notebook {notebook!r}:\n  - " + "\n  - ".join(problems))

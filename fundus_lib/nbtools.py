@@ -62,12 +62,14 @@ def environment(cfg: RunConfig | None = None) -> dict[str, str]:
     if cfg is not None:
         facts["notebook"] = cfg.notebook
         facts["profile"] = str(cfg.values.get("profile"))
-        facts["data"] = "synthetic benchmark" if cfg.is_synthetic else str(cfg.values.get("dataset"))
+        data_dir = cfg.values.get("data_dir")
+        facts["data"] = cfg.data_label + (f" from {data_dir}" if data_dir else "")
     return facts
 
 
 def print_env(cfg: RunConfig | None = None) -> None:
-    """Print one compact line per environment fact (versions, device, git commit, profile)."""
+    """Print one compact line per environment fact (versions, device, git commit, profile, and the data
+    the run uses: "synthetic benchmark" or e.g. "IDRiD (real) from /datasets/IDRiD")."""
     facts = environment(cfg)
     width = max(len(k) for k in facts)
     for key, value in facts.items():
@@ -107,7 +109,8 @@ def record(key: str, value: Any, *, bounds: tuple[float, float] | None = None, c
 
     ``bounds=(low, high)`` declares the valid range of every number in ``value`` (e.g. ``(0, 1)``
     for an accuracy); the notebook tests check it, and that every number is finite.
-    The sidecar also carries ``_meta``: notebook, profile, data source and the parameters.
+    The sidecar also carries ``_meta``: notebook, profile, the data the run used (``data``: its
+    :attr:`~fundus_lib.config.RunConfig.data_label`; ``data_dir``) and the parameters.
     The first call of a run (per :func:`~fundus_lib.config.resolve`) replaces the sidecar of an
     earlier run. A sidecar that cannot be written raises an :class:`OSError` naming it.
     """
@@ -120,7 +123,7 @@ def record(key: str, value: Any, *, bounds: tuple[float, float] | None = None, c
     if cfg is not None:
         data["_meta"] = {
             "notebook": cfg.notebook, "profile": cfg.values.get("profile"),
-            "data": "synthetic" if cfg.is_synthetic else cfg.values.get("dataset"),
+            "data": cfg.data_label, "data_dir": cfg.values.get("data_dir"),
             "parameters": _plain(cfg.as_dict()),
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -1,6 +1,11 @@
-"""Small shared utilities: seeding, device choice, DataLoader worker counts, a timer, atomic file writes."""
+"""Small shared utilities: seeding, device choice, DataLoader worker counts, a timer, atomic file writes.
+
+Importing it also makes every process forked from this one leave the objects it inherits to the
+parent's garbage collector (:func:`_leave_inherited_objects_to_the_parent`).
+"""
 from __future__ import annotations
 
+import gc
 import os
 import random
 import tempfile
@@ -29,6 +34,24 @@ def seed_everything(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def _leave_inherited_objects_to_the_parent() -> None:
+    """Run in every child right after ``fork()``: freeze the objects inherited from the parent, so the
+    child's garbage collector never finalises them.
+
+    Why: a DataLoader iterator with persistent workers (the validation and test loaders) that has
+    become unreachable inside a reference cycle waits for the parent's next collection. A training
+    loader's worker forked before that collection inherits the garbage; when the worker's own
+    collector freed it, the iterator's ``__del__`` tried to join workers that are not its children
+    and printed ``AssertionError: can only test a child process`` into the notebook. Frozen
+    objects are finalised by the parent only, as they should be; copy-on-write pages also stay shared.
+    """
+    gc.freeze()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX; Windows and spawned workers inherit nothing
+    os.register_at_fork(after_in_child=_leave_inherited_objects_to_the_parent)
 
 
 def seed_worker(worker_id: int) -> None:

@@ -3,7 +3,8 @@
 * :func:`load_dataset` returns a manifest with train / val / test splits: the synthetic benchmark
   (generated once into ``data/generated/synthetic/<key>`` and reused) or a real dataset read by
   its source, given a validation split carved from its training images when it has none, cropped
-  to its field of view and cached at the run's image size under ``data/generated/cache/<dataset>-<size>``.
+  to its field of view and cached at the size a model trains at under ``data/generated/cache/<dataset>-<size>``.
+* :func:`available_tasks` keeps the tasks a dataset labels (DR alone on APTOS) and says what it drops.
 * :func:`make_loaders` serves each split either from memory (uint8 tensors, batches augmented
   on the training device) or through DataLoader workers, as :func:`choose_data_path` decides:
   augmentation for training, deterministic resizing for validation and test.
@@ -25,7 +26,7 @@ from fundus_lib.config import DATA_PATHS, RunConfig
 from fundus_lib.data.batch_augment import BatchAugment
 from fundus_lib.data.datasets import FundusDataset
 from fundus_lib.data.in_memory import TensorData, TensorLoader, tensor_bytes
-from fundus_lib.data.manifest import SPLITS, make_manifest
+from fundus_lib.data.manifest import LESIONS, SPLITS, make_manifest
 from fundus_lib.data.transforms import eval_transform, train_transform
 from fundus_lib.utils import default_num_workers, seed_everything, seed_worker, usable_cores
 
@@ -72,21 +73,26 @@ def synthetic_benchmark(n_train: int, n_val: int, n_test: int, image_size: int, 
     return make_manifest(pd.concat(parts, ignore_index=True))
 
 
-def load_dataset(cfg: RunConfig) -> pd.DataFrame:
+def load_dataset(cfg: RunConfig, image_size: int | None = None) -> pd.DataFrame:
     """The manifest a notebook trains and evaluates on, as its configuration asks.
 
     Synthetic (``dataset="synthetic"`` or no ``dataset`` parameter): :func:`synthetic_benchmark`
-    with ``n_train / n_val / n_test / image_size / seed`` (and ``domain`` / ``difficulty`` when
-    the notebook declares them). Real: the source named by ``dataset`` reads ``data_dir``; rows
-    without a split are divided train / val / test, a missing val split is carved from train
-    (grouped by patient, stratified by DR grade), then images are cached at ``image_size``.
+    with ``n_train / n_val / n_test / seed`` (and ``domain`` / ``difficulty`` when the notebook
+    declares them). Real: the source named by ``dataset`` reads ``data_dir``; rows without a split
+    are divided train / val / test, a missing val split is carved from train (grouped by patient,
+    stratified by DR grade), then images are cropped to their field of view and cached.
+
+    Images are made (synthetic) or cached (real) at ``image_size``, default ``cfg.image_size``:
+    a notebook whose models train at different sizes (L-Net at ``seg_image_size``, the grader at
+    ``image_size``) asks once per size, so no model trains on images resampled from another size.
     """
     values = cfg.as_dict()
+    size = image_size or cfg.image_size
     if cfg.is_synthetic:
         missing = [name for name in ("n_train", "n_val", "n_test") if values.get(name) is None]
         if missing:
             raise ValueError(f"the synthetic benchmark needs {missing} (image counts per split)")
-        return synthetic_benchmark(cfg.n_train, cfg.n_val, cfg.n_test, cfg.image_size, cfg.seed,
+        return synthetic_benchmark(cfg.n_train, cfg.n_val, cfg.n_test, size, cfg.seed,
                                    root=cfg.generated_dir / "synthetic", domain=values.get("domain") or "cam_a",
                                    difficulty=values.get("difficulty") or 0.0)
     from fundus_lib.data.cache import build_cache
@@ -103,8 +109,39 @@ def load_dataset(cfg: RunConfig) -> pd.DataFrame:
     elif not (manifest["split"] == "val").any():
         manifest = assign_splits(manifest, val=VALIDATION_SHARE, test=0.0, seed=cfg.seed, source_split="train")
     # Crop to the square around the field of view first, so a 3:2 photograph is not stretched.
-    return build_cache(manifest, cfg.generated_dir / "cache" / f"{cfg.dataset}-{cfg.image_size}", cfg.image_size,
-                       crop_box=fov_crop_box)
+    return build_cache(manifest, cfg.generated_dir / "cache" / f"{cfg.dataset}-{size}", size, crop_box=fov_crop_box)
+
+
+#: Manifest column(s) that hold each task's labels; a task is available when one of them has values.
+_TASK_LABELS: dict[str, tuple[str, ...]] = {
+    "dr": ("dr_grade",), "dme": ("dme_grade",),
+    "masks": tuple(f"mask_{lesion}" for lesion in LESIONS),
+    "lesion_present": tuple(f"lesion_{lesion}" for lesion in LESIONS),
+}
+
+
+def has_labels(manifest: pd.DataFrame, task: str) -> bool:
+    """True when the dataset labels ``task`` at all ("dr", "dme", "masks" or "lesion_present"):
+    APTOS and EyePACS have no DME grades, the grading datasets no lesion masks."""
+    if task not in _TASK_LABELS:
+        raise ValueError(f"has_labels: task must be one of {list(_TASK_LABELS)}, got {task!r}")
+    return any(manifest[column].notna().any() for column in _TASK_LABELS[task] if column in manifest)
+
+
+def available_tasks(manifest: pd.DataFrame, tasks: Sequence[str], data_label: str) -> tuple[str, ...]:
+    """The ``tasks`` the dataset labels, in order; prints a note naming each task it drops.
+
+    A notebook that grades DR and DME runs on a DR-only dataset (APTOS, EyePACS) with DR alone,
+    saying so, instead of stopping at the first DME label it cannot find.
+    """
+    kept = tuple(task for task in tasks if has_labels(manifest, task))
+    for task in tasks:
+        if task not in kept:
+            print(f"note: {data_label} has no {task.upper() if task in ('dr', 'dme') else task} labels, "
+                  f"so the {task!r} task is left out of this run")
+    if not kept:
+        raise ValueError(f"{data_label} labels none of the tasks {list(tasks)}; choose a dataset that has them")
+    return kept
 
 
 #: Share of the machine's memory the in-memory path may take for one call of :func:`make_loaders`.

@@ -122,12 +122,58 @@ def test_no_hard_coded_devices_or_absolute_paths(notebook):
 
 
 FULL_CONFIGS = sorted((ROOT / "configs").glob("*/full-*.yaml"))
+#: Notebooks that take a dataset parameter, and the real datasets their full configs must cover.
+FULL_DATASETS = {
+    "00_getting_started": {"aptos", "eyepacs", "idrid_grading"},
+    "10_baseline_cnn_grading": {"aptos", "eyepacs", "idrid_grading"},
+    "11_canet_cross_disease_attention": {"idrid_grading", "messidor"},
+    "13_lnet_sian_lesion_segmentation": {"retinal_lesions"},
+}
 
 
 @pytest.mark.parametrize("config", FULL_CONFIGS, ids=[f"{c.parent.name}/{c.name}" for c in FULL_CONFIGS])
-def test_full_configs_resolve_for_their_notebook(config):
+def test_full_configs_resolve_for_their_notebook(config, tmp_path):
     values = yaml.safe_load(config.read_text())
     assert values["profile"] == "full", f"{config}: a full-*.yaml sets profile: full"
     assert values.get("dataset") not in (None, "synthetic"), f"{config}: a full profile names a real dataset"
-    cfg = resolve(values, notebook=config.parent.name, root=ROOT)
-    assert not cfg.is_synthetic
+    declared = set(yaml.safe_load((config.parent / "quick.yaml").read_text()))
+    assert set(values) == declared, f"{config} keys differ from the notebook's parameters: {sorted(set(values) ^ declared)}"
+    cfg = resolve({**values, "data_dir": str(tmp_path)}, notebook=config.parent.name, root=ROOT)
+    assert not cfg.is_synthetic and "synthetic" not in cfg.data_label
+
+
+@notebook_params()
+def test_every_notebook_with_a_dataset_has_its_full_configs(notebook):
+    names = {s.target.id for s in _parameter_statements(notebook)}
+    if "dataset" not in names:
+        return
+    configs = sorted((ROOT / "configs" / notebook.stem).glob("full-*.yaml"))
+    datasets = {yaml.safe_load(config.read_text())["dataset"] for config in configs}
+    assert notebook.stem in FULL_DATASETS, f"{notebook.name} takes a dataset: list its real datasets in FULL_DATASETS"
+    assert datasets == FULL_DATASETS[notebook.stem], f"{notebook.name}: full configs cover {sorted(datasets)}"
+
+
+#: A string literal that calls the data synthetic in words (the bare dataset key "synthetic" is a value, not a label).
+SYNTHETIC_WORDS = re.compile(r"""(["'])(?!synthetic\1)[^"'\n]*\bsynthetic\b[^"'\n]*\1""", re.I)
+
+
+@notebook_params()
+def test_notebooks_with_a_dataset_take_data_labels_from_the_config(notebook):
+    """In a notebook that can run on real data, no string in its code (titles, prints, headers) calls the data
+    "synthetic":
+    it writes cfg.data_label, so a real-data run never says synthetic and a synthetic one always does.
+    (Notebooks 01 and 02 show generated images whatever the run, and have no dataset parameter.)"""
+    names = {s.target.id for s in _parameter_statements(notebook)}
+    if "dataset" not in names:
+        return
+    offending = []
+    for index, cell in enumerate(read(notebook).cells):
+        if cell.cell_type != "code":
+            continue
+        for line in cell.source.splitlines():
+            code = line.split("  #")[0]
+            if not code.lstrip().startswith("#") and SYNTHETIC_WORDS.search(code):
+                offending.append(f"cell {index}: {line.strip()}")
+    assert not offending, f"{notebook.name} types 'synthetic' where cfg.data_label belongs:\n" + "\n".join(offending)
+    code = "\n".join(cell.source for cell in read(notebook).cells if cell.cell_type == "code")
+    assert "cfg.data_label" in code, f"{notebook.name} never names its data with cfg.data_label"

@@ -21,7 +21,7 @@ from tests.unit.data.source_fixtures import (
     APTOS_LABELS, MESSIDOR_HEADER, MESSIDOR_ROWS, build_aptos, build_ddr, build_eyepacs, build_idrid, build_messidor,
     build_retinal_lesions, write_text,
 )
-from tests.unit.data.xls_writer import write_xls
+from fundus_lib.data.xls_writer import write_xls
 
 APTOS_HEADER = "id_code,diagnosis"
 APTOS_ROWS = [f"{name},{grade}" for name, grade in APTOS_LABELS.items()]

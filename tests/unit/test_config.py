@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fundus_lib.config import PARAMETERS, ConfigError, literal_parameters, resolve
+from fundus_lib.config import PARAMETERS, ConfigError, literal_parameters, parse_env, resolve
 
 
 @pytest.fixture
@@ -87,3 +87,57 @@ def test_every_committed_preset_uses_only_declared_parameters():
         assert not unknown, f"{preset} uses parameters missing from PARAMETERS: {unknown}"
         problems = [p for name, value in data.items() for p in PARAMETERS[name].problems(name, value)]
         assert not problems, f"{preset}: {problems}"
+
+
+@pytest.mark.parametrize("name, text, expected", [
+    ("data_dir", "/x #2", "/x #2"),              # text stays text: no YAML comment, no number
+    ("data_dir", "2024", "2024"),
+    ("epochs", "3", 3),
+    ("lr", "1e-3", 0.001),
+    ("interactive", "false", False),
+    ("interactive", "Yes", True),
+    ("lambdas", "[0.0, 0.5]", [0.0, 0.5]),
+    ("data_dir", "none", None),
+])
+def test_environment_values_parse_by_the_declared_type(name, text, expected):
+    assert parse_env(name, text) == expected
+
+
+@pytest.mark.parametrize("name, text", [("epochs", "3.5"), ("interactive", "maybe"), ("lambdas", "0.5"), ("lr", "fast")])
+def test_a_bad_environment_value_names_the_variable(name, text):
+    with pytest.raises(ConfigError, match=f"FUNDUS_{name.upper()}={text!r} cannot be read as"):
+        parse_env(name, text)
+
+
+@pytest.fixture
+def data_project(tmp_path: Path) -> Path:
+    """A project whose notebook declares dataset and data_dir (quick preset: synthetic)."""
+    folder = tmp_path / "configs" / "98_data"
+    folder.mkdir(parents=True)
+    (folder / "quick.yaml").write_text(yaml.safe_dump({"profile": "quick", "dataset": "synthetic", "data_dir": None}))
+    return tmp_path
+
+
+def test_a_data_dir_without_a_dataset_is_refused_listing_the_datasets(data_project, monkeypatch):
+    monkeypatch.setenv("FUNDUS_DATA_DIR", str(data_project))
+    with pytest.raises(ConfigError) as error:
+        resolve({"profile": "quick", "dataset": None, "data_dir": None}, "98_data", root=data_project)
+    message = str(error.value)
+    assert "from FUNDUS_DATA_DIR" in message and "dataset is 'synthetic' (quick preset)" in message
+    assert "'idrid_grading'" in message and "'retinal_lesions'" in message
+
+
+def test_a_real_dataset_needs_an_existing_data_dir(data_project):
+    with pytest.raises(ConfigError, match="dataset='aptos' .* needs data_dir"):
+        resolve({"profile": "quick", "dataset": "aptos", "data_dir": None}, "98_data", root=data_project)
+    with pytest.raises(ConfigError, match="is not a folder"):
+        resolve({"profile": "quick", "dataset": "aptos", "data_dir": str(data_project / "nowhere")}, "98_data",
+                root=data_project)
+
+
+def test_data_label_names_the_data_of_the_run(data_project):
+    synthetic = resolve({"profile": "quick", "dataset": None, "data_dir": None}, "98_data", root=data_project)
+    real = resolve({"profile": "quick", "dataset": "idrid_grading", "data_dir": str(data_project)}, "98_data",
+                   root=data_project)
+    assert synthetic.data_label == "synthetic benchmark"
+    assert real.data_label == "IDRiD (real)" and "synthetic" not in real.data_label

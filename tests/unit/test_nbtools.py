@@ -26,7 +26,7 @@ def test_record_writes_plain_json_with_meta(cfg, tmp_path):
     data = json.loads((tmp_path / "out" / "demo.metrics.json").read_text())
     assert data["accuracy"] == {"value": 0.75, "bounds": [0, 1]}
     assert data["per_class"]["value"] == [1.0, 2.0]
-    assert data["_meta"]["profile"] == "quick" and data["_meta"]["data"] == "synthetic"
+    assert data["_meta"]["profile"] == "quick" and data["_meta"]["data"] == "synthetic benchmark"
     assert data["_meta"]["parameters"]["seed"] == 1
     assert nbtools.check_sidecar(tmp_path / "out" / "demo.metrics.json") == []
 

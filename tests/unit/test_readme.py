@@ -34,6 +34,7 @@ PAPERMILL = Path(sys.executable).with_name("papermill")
 #: into this test suite or starts JupyterLab): command -> a fragment its recipe must contain.
 DRY_RUN = {
     "make run": "-m fundus_lib.runner --profile quick",
+    "make run PROFILE=gpu": "-m fundus_lib.runner --profile gpu",
     "make test": "-m pytest tests",
     "make notebooks": "-m fundus_lib.runner --profile quick --in-place",
     "make lab": "jupyter lab notebooks/",
@@ -49,6 +50,11 @@ NOT_RUN = {
     "conda env create -f environment.yml && conda activate fundus-dr":
         "conda is not installed where the tests run; tests/unit/test_packaging.py checks that environment.yml "
         "declares the same dependencies and floors as pyproject.toml",
+    "torchrun --nproc_per_node=4 my_training_script.py":
+        "needs several GPUs and the reader's own script; tests/unit/test_train.py runs fit() under "
+        "torch.distributed.run with two gloo processes and checks it matches one process",
+    "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node0:29500 my_training_script.py":
+        "needs two GPU machines; the single-machine case above is tested with gloo",
     "kaggle competitions download -c aptos2019-blindness-detection":
         "downloads the dataset with a Kaggle account; tests/unit/data/test_source_aptos.py reads its layout",
 }

@@ -1,12 +1,13 @@
 """fundus_lib.data.pipeline: configuration -> manifest -> loaders."""
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from fundus_lib.config import resolve
-from fundus_lib.data.pipeline import load_dataset, make_loaders, split_seed, synthetic_benchmark
+from fundus_lib.data.pipeline import available_tasks, has_labels, load_dataset, make_loaders, split_seed, synthetic_benchmark
 from fundus_lib.data.splits import check_no_leakage
 
 
@@ -92,3 +93,26 @@ def test_data_path_auto_holds_small_sets_in_memory_and_streams_large_ones(manife
     assert isinstance(memory["train"], TensorLoader) and not isinstance(stream["train"], TensorLoader)
     for a, b in zip(memory["test"], stream["test"]):  # same pixels for evaluation on both paths
         torch.testing.assert_close(a["image"], b["image"], atol=1e-6, rtol=0)
+
+
+def test_load_dataset_makes_images_at_the_size_asked(tmp_path):
+    from PIL import Image
+
+    cfg = _cfg(tmp_path)
+    for asked, size in ((None, cfg.image_size), (40, 40)):  # default: the run's image_size
+        with Image.open(load_dataset(cfg, image_size=asked)["image_path"].iloc[0]) as image:
+            assert image.size == (size, size)
+
+
+def test_available_tasks_drops_what_the_dataset_lacks_with_a_note(manifest, capsys):
+    dr_only = manifest.assign(dme_grade=pd.NA)
+    assert available_tasks(manifest, ("dr", "dme", "masks"), "synthetic benchmark") == ("dr", "dme", "masks")
+    assert capsys.readouterr().out == ""
+    assert available_tasks(dr_only, ("dr", "dme"), "APTOS 2019 (real)") == ("dr",)
+    assert "APTOS 2019 (real) has no DME labels, so the 'dme' task is left out" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="labels none of the tasks"):
+        available_tasks(dr_only, ("dme",), "APTOS 2019 (real)")
+    without_masks = manifest.assign(**{column: pd.NA for column in manifest if column.startswith("mask_")})
+    assert has_labels(manifest, "masks") and not has_labels(without_masks, "masks")
+    with pytest.raises(ValueError, match="task must be one of"):
+        has_labels(manifest, "grade")

@@ -1,8 +1,8 @@
-"""A tiny writer of genuine Excel 97-2003 ``.xls`` files, for test fixtures only.
+"""A tiny writer of genuine Excel 97-2003 ``.xls`` files, for stand-in trees and test fixtures.
 
 Messidor-1 ships its labels as ``.xls`` (BIFF8) workbooks and the project reads them with
-pandas + xlrd, but no ``.xls`` writer (xlwt) is installed. So the fixtures build the bytes
-themselves: a BIFF8 workbook stream (BOF, one XF, BOUNDSHEET, EOF; then a worksheet of LABEL
+pandas + xlrd, but no ``.xls`` writer (xlwt) is installed. So this module builds the bytes
+itself: a BIFF8 workbook stream (BOF, one XF, BOUNDSHEET, EOF; then a worksheet of LABEL
 and NUMBER cells) wrapped in an OLE2 compound document (header, one FAT sector, one directory
 sector, the stream in regular sectors). pandas recognises the file by the OLE2 signature and
 xlrd parses it exactly like a workbook saved by Excel.
