@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -164,6 +165,22 @@ def _cell(value: object) -> object:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def _file_kind(path: Path) -> str:
+    """What a file that should be a workbook looks like, from its first bytes: a web page saved
+    in its place (a login or error page), a zip or .xlsx renamed .xls, text, or other bytes."""
+    start = path.read_bytes()[:512]
+    if not start:
+        return "an empty file (0 bytes)"
+    text = start.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<?xml")):
+        return "an HTML/XML page (a web page saved instead of the workbook?)"
+    if start.startswith(b"PK\x03\x04"):
+        return "a zip archive (an .xlsx workbook or a zipped download renamed .xls?)"
+    if all(32 <= byte < 127 or byte in b"\t\r\n" for byte in start):
+        return f"text starting {start[:40].decode('ascii')!r}"
+    return f"binary data starting {start[:8].hex(' ')}"
+
+
 def read_xls_table(path: Path, columns: Mapping[str, str], *, dataset: str, what: str) -> pd.DataFrame:
     """Read the first sheet of an Excel 97-2003 ``.xls`` workbook (first row = header) with xlrd.
 
@@ -177,8 +194,10 @@ def read_xls_table(path: Path, columns: Mapping[str, str], *, dataset: str, what
         with xlrd.open_workbook(str(path), on_demand=True) as book:
             sheet = book.sheet_by_index(0)
             values = [sheet.row_values(i) for i in range(sheet.nrows)]
-    except (xlrd.XLRDError, xlrd.compdoc.CompDocError) as error:
-        raise ManifestError(f"{dataset}: cannot read {what} {path} as an .xls workbook: {error}") from error
+    except (xlrd.XLRDError, xlrd.compdoc.CompDocError, zipfile.BadZipFile) as error:  # a broken zip: xlrd sniffs zips
+        raise ManifestError(f"{dataset}: cannot read {what} {path} as an .xls workbook: found {_file_kind(path)}; "
+                            f"expected an Excel 97-2003 workbook (a file starting with the OLE2 signature "
+                            f"D0 CF 11 E0) ({error})") from error
     if not values:
         raise ManifestError(f"{dataset}: {what} {path} is empty")
     header = [str(value) for value in values[0]]

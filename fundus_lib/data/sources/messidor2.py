@@ -41,8 +41,10 @@ LABEL_COLUMNS: dict[str, str] = {
 EXAM_COLUMNS: dict[str, str] = {"left": "left", "right": "right"}
 
 
-def _exams(path: Path) -> dict[str, tuple[str, str]]:
-    """lower-case image stem -> (exam id, eye) from the ADCIS exam list."""
+def read_exam_list(path: Path) -> dict[str, tuple[str, str]]:
+    """lower-case image stem -> (exam id, eye) from the ADCIS exam list (``left;right``, one exam
+    per line; the exam id is the left image's stem). The Messidor-1 source reads it too: the
+    list's "Messidor-Original" part pairs 1,058 Messidor-1 images into 529 two-eye exams."""
     table = read_csv_table(path, EXAM_COLUMNS, dataset=DATASET, what="exam list", sep=";", key=None)
     incomplete = table[["left", "right"]].isna().any(axis=1)
     if incomplete.any():
@@ -77,7 +79,7 @@ def load_messidor2(root: str | Path, require_exams: bool = True) -> pd.DataFrame
 
     exams_path = root / "messidor-2.csv"
     if exams_path.is_file() or require_exams:
-        exams = _exams(exams_path)
+        exams = read_exam_list(exams_path)
     else:
         exams = {}
         warnings.warn(f"{DATASET}: no exam list {exams_path}; patient_id and eye are NA, so the two eyes "

@@ -2,46 +2,39 @@
 
 Each ``build_<dataset>(root)`` writes a handful of tiny images, masks and label files under
 ``root`` exactly where and how the official download puts them, and returns ``root``. The
-constants next to each builder are what the tests expect the manifests to contain.
+constants next to each builder are what the tests expect the manifests to contain. Unlike the
+stand-in trees of :mod:`fundus_lib.data.standins` (synthetic photographs in the layouts the
+sources define, for running the notebooks), these are written from data/README.md, quirks
+included, so they check the sources' own layout constants.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Iterable
 
+import cv2
 import numpy as np
-from PIL import Image
 
-from tests.unit.data.xls_writer import write_xls
+from fundus_lib.data.standins import red_mask, save_image, write_text
+from fundus_lib.data.xls_writer import write_xls
 
 SIZE = (6, 8)  # (height, width) of every fixture image and mask
 
 
 def write_image(path: Path, value: int = 120) -> Path:
     """A small RGB photograph-like image (format from the suffix)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     array = np.full((*SIZE, 3), value, dtype=np.uint8)
     array[..., 1] //= 2
-    Image.fromarray(array).save(path)
-    return path
+    return save_image(path, array)
 
 
 def write_mask(path: Path, pixels: Iterable[tuple[int, ...]], value: int = 255, red_rgb: bool = False) -> Path:
     """A mask that is 0 except at ``pixels`` ((row, col) -> ``value``, or (row, col, own value)):
     greyscale, or an IDRiD-style RGB image whose lesion pixels are pure red."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     grey = np.zeros(SIZE, dtype=np.uint8)
     for pixel in pixels:
         grey[pixel[0], pixel[1]] = pixel[2] if len(pixel) == 3 else value
-    array = np.stack([grey, np.zeros_like(grey), np.zeros_like(grey)], axis=-1) if red_rgb else grey
-    Image.fromarray(array).save(path)
-    return path
-
-
-def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return save_image(path, red_mask(grey > 0) if red_rgb else grey)
 
 
 # --- IDRiD -------------------------------------------------------------------------------------
@@ -118,20 +111,47 @@ MESSIDOR_ROWS = {
 }
 #: Base12's workbook is named with a space, as in some copies of the download.
 MESSIDOR_SPACED = "Base12"
-#: (copy, original): the second Base34 image is a byte-identical copy of the first Base11 image.
+#: (copy, original): the second Base34 image is a re-saved, resized copy of the first Base11 image
+#: (same photograph, different bytes), as a copy made by re-encoding would be.
 MESSIDOR_COPY = (MESSIDOR_ROWS["Base34"][1][0][:-4], MESSIDOR_ROWS["Base11"][0][0][:-4])
+#: Two-eye exams of the fixture in the Messidor-2 exam list (left, right): both Base11 images and
+#: both Base21 images; every other image is unpaired, as 142 real Messidor-1 images are.
+MESSIDOR_EXAMS = [(MESSIDOR_ROWS["Base11"][0][0][:-4] + ".png", MESSIDOR_ROWS["Base11"][1][0][:-4] + ".png"),
+                  (MESSIDOR_ROWS["Base21"][0][0][:-4] + ".png", MESSIDOR_ROWS["Base21"][1][0][:-4] + ".png"),
+                  ("IM000013.JPG", "IM000012.JPG")]  # a Messidor-Extension exam: not in Messidor-1
+TEXTURE_SIZE = (96, 128)  # (height, width) of the Messidor fixture photographs
 
 
-def build_messidor(root: Path) -> Path:
+def textured_image(seed: int) -> np.ndarray:
+    """A small fundus-like RGB image: a bright disc with smooth random structure (a flat image
+    has no pixel fingerprint) on a black surround - a 6 x 8 grid of random levels, enlarged
+    with cubic interpolation, inside a centred circle."""
+    grid = np.random.default_rng(seed).integers(60, 226, size=(6, 8, 3)).astype(np.uint8)
+    photo = cv2.resize(grid, TEXTURE_SIZE[::-1], interpolation=cv2.INTER_CUBIC)
+    rows, cols = np.ogrid[:TEXTURE_SIZE[0], :TEXTURE_SIZE[1]]
+    outside = (rows - TEXTURE_SIZE[0] / 2) ** 2 + (cols - TEXTURE_SIZE[1] / 2) ** 2 > (0.48 * TEXTURE_SIZE[0]) ** 2
+    photo[outside] = 0
+    return photo
+
+
+def write_exam_list(path: Path, exams: Iterable[tuple[str, str]]) -> Path:
+    """A Messidor-2 exam list: header "left;right", one exam per line."""
+    return write_text(path, "left;right\n" + "".join(f"{left};{right}\n" for left, right in exams))
+
+
+def build_messidor(root: Path, with_exams: bool = False) -> Path:
     """The twelve Messidor bases: genuine .xls annotation workbooks (one named with a space),
-    TIFF images, and one image that is a byte-identical copy of another."""
+    textured TIFF images, one image that is a re-saved, resized copy of another and, when
+    ``with_exams``, the Messidor-2 exam list in the root."""
     for number, (base, rows) in enumerate(MESSIDOR_ROWS.items()):
         workbook = f"Annotation {base}.xls" if base == MESSIDOR_SPACED else f"Annotation_{base}.xls"
         write_xls(root / base / workbook, [MESSIDOR_HEADER, *[list(row) for row in rows]])
         for j, (name, *_labels) in enumerate(rows):
-            write_image(root / base / name, value=20 + 9 * number + 4 * j)
-    copy, original = MESSIDOR_COPY
-    (root / "Base34" / f"{copy}.tif").write_bytes((root / "Base11" / f"{original}.tif").read_bytes())
+            save_image(root / base / name, textured_image(100 * number + j))
+    copy, _original = MESSIDOR_COPY
+    save_image(root / "Base34" / f"{copy}.tif", cv2.resize(textured_image(0), (96, 72), interpolation=cv2.INTER_AREA))
+    if with_exams:
+        write_exam_list(root / "messidor-2.csv", MESSIDOR_EXAMS)
     return root
 
 
