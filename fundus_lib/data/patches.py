@@ -22,17 +22,24 @@ Two ways to turn masks into labels:
   the generator's 16 x 16 output map); this is what ``FundusDataset`` yields as ``patch_labels``.
 * :func:`lesion_patch_centres` + :func:`crop_patches` reproduce the paper's patch set: one
   68 x 68 box centred on every lesion region (Table III counts these boxes).
+  :func:`lesion_patch_set` applies them to a whole manifest, adding negatives from No-DR images;
+  :func:`patch_count_table` counts the result like Table III; :class:`PatchLoader` serves it to
+  ``fit`` in class-balanced batches for the generator's patch pre-training.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from fundus_lib.data.batch_augment import BatchAugment
 from fundus_lib.data.manifest import LESIONS
+from fundus_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 #: Names of the CLPI patch classes, indexed by class id.
 PATCH_CLASSES: tuple[str, ...] = ("background", "microaneurysm", "haemorrhage", "exudate")
@@ -171,3 +178,139 @@ def crop_patches(image: torch.Tensor, centres: np.ndarray | torch.Tensor, size: 
     cols = centres[:, 1, None] + steps
     patches = padded[:, rows[:, :, None], cols[:, None, :]]  # (C, N, size, size)
     return patches.permute(1, 0, 2, 3).contiguous()
+
+
+#: Brightest-channel level in [0, 1] above which a pixel counts as inside the field of view (the
+#: black surround of a fundus photograph stays far below it); negatives are centred on such pixels.
+FOV_LEVEL = 0.1
+
+
+def lesion_patch_set(manifest: pd.DataFrame, *, image_size: int | None = None, negatives_per_image: int = 8,
+                     seed: int = 0, lesion_classes: Mapping[str, int] = PATCH_LESIONS) -> dict[str, Any]:
+    """The paper's patch training set from a manifest (Sec. IV-A, Table III; Sec. V for the negatives).
+
+    Positives: a :data:`PATCH_WINDOW` box on every connected target-lesion region of every image
+    with at least one target-lesion mask, labelled by :func:`lesion_patch_centres` (most severe
+    lesion at the centre). Negatives (class 0): ``negatives_per_image`` boxes centred on random
+    field-of-view pixels of every No-DR image (``dr_grade == 0``) — never taken from lesion images,
+    whose unannotated lesions would become false negatives (why the paper's generator is robust
+    to missing annotations, Fig. 8). Images are read at ``image_size`` (None: as stored).
+
+    Returns ``{"image": uint8 (N, 3, 68, 68), "patch_labels": int64 (N,), "image_id": N str}``.
+    """
+    from fundus_lib.data.datasets import FundusDataset  # datasets imports this module
+
+    if isinstance(negatives_per_image, bool) or not isinstance(negatives_per_image, int) or negatives_per_image < 0:
+        raise ValueError(f"negatives_per_image must be an int >= 0, got {negatives_per_image!r}")
+    _check_lesion_classes(lesion_classes)
+    positive = manifest[[f"mask_{lesion}" for lesion in lesion_classes]].notna().any(axis=1).to_numpy()
+    negative = (manifest["dr_grade"] == 0).fillna(False).to_numpy(dtype=bool) & (negatives_per_image > 0)
+    keep = positive | negative
+    if not keep.any():
+        raise ValueError("the manifest has no image with a target-lesion mask and no No-DR image: no patches")
+    rows = manifest[keep].reset_index(drop=True)
+    dataset = FundusDataset(rows, tasks=("masks",), image_size=image_size, normalize=False)
+    rng = np.random.default_rng(seed)
+    patches, labels, image_ids = [], [], []
+    for index, (is_positive, is_negative) in enumerate(zip(positive[keep], negative[keep])):
+        sample = dataset[index]
+        image = (sample["image"] * 255).round().to(torch.uint8)
+        found: list[tuple[np.ndarray, np.ndarray]] = []
+        if is_positive:
+            found.append(lesion_patch_centres(sample["masks"], lesion_classes))
+        if is_negative:
+            inside = np.argwhere(sample["image"].amax(dim=0).numpy() > FOV_LEVEL)
+            if len(inside) == 0:
+                raise ValueError(f"No-DR image {rows.at[index, 'image_id']!r} has no field-of-view pixel "
+                                 f"(brightest channel > {FOV_LEVEL}) to centre negatives on")
+            centres = inside[rng.integers(0, len(inside), negatives_per_image)]
+            found.append((centres, np.zeros(negatives_per_image, dtype=np.int64)))
+        for centres, classes in found:
+            patches.append(crop_patches(image, centres))
+            labels.append(classes)
+            image_ids += [str(rows.at[index, "image_id"])] * len(classes)
+    return {"image": torch.cat(patches), "patch_labels": torch.from_numpy(np.concatenate(labels)),
+            "image_id": image_ids}
+
+
+def patch_count_table(patch_sets: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Table III's layout for patch sets by name (e.g. ``{"train": ..., "test": ...}``).
+
+    Columns: ``lesion images`` (images giving at least one lesion patch) and the patch count of
+    each class of :data:`PATCH_CLASSES` (``background`` = the negatives, which Table III omits).
+    """
+    table = {}
+    for name, patch_set in patch_sets.items():
+        labels = torch.as_tensor(patch_set["patch_labels"])
+        counts = torch.bincount(labels, minlength=len(PATCH_CLASSES)).tolist()
+        lesion_images = {image_id for image_id, label in zip(patch_set["image_id"], labels.tolist()) if label > 0}
+        table[name] = {"lesion images": len(lesion_images), **dict(zip(PATCH_CLASSES, counts))}
+    return pd.DataFrame.from_dict(table, orient="index")
+
+
+@dataclass
+class PatchLoader:
+    """Batches of a :func:`lesion_patch_set` for :func:`fundus_lib.train.fit` (patch pre-training).
+
+    Yields ``{"image": float (B, 3, 68, 68), "patch_labels": (B,)}``, the image in [0, 1] and then
+    ImageNet-normalised like ``FundusDataset`` (``normalize``), so the generator sees patches as it
+    later sees whole images. ``per_class``: each epoch draws that many patches of every class
+    present (without replacement where a class has enough, with replacement otherwise): balanced
+    classes although exudate patches outnumber the rest (Table III). ``None``: every patch once,
+    shuffled when ``shuffle``. ``augment``: a :class:`BatchAugment` (the paper augments patches
+    as it does images, Sec. IV-B).
+    """
+
+    patch_set: Mapping[str, Any]
+    batch_size: int
+    per_class: int | None = None
+    shuffle: bool = True
+    augment: BatchAugment | None = None
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.per_class is not None and (not isinstance(self.per_class, int) or self.per_class < 1):
+            raise ValueError(f"per_class must be a positive int or None, got {self.per_class!r}")
+        if len(self.patch_set["patch_labels"]) == 0:
+            raise ValueError("the patch set is empty")
+
+    def _rows(self) -> int:
+        labels = self.patch_set["patch_labels"]
+        return len(labels) if self.per_class is None else self.per_class * len(labels.unique())
+
+    def __len__(self) -> int:
+        return -(-self._rows() // self.batch_size)
+
+    def _order(self) -> torch.Tensor:
+        labels = self.patch_set["patch_labels"]
+        if self.per_class is None:
+            return torch.randperm(len(labels), generator=self.generator) if self.shuffle else torch.arange(len(labels))
+        picks = []
+        for label in labels.unique():
+            members = (labels == label).nonzero().flatten()
+            if len(members) >= self.per_class:
+                picks.append(members[torch.randperm(len(members), generator=self.generator)[:self.per_class]])
+            else:
+                picks.append(members[torch.randint(len(members), (self.per_class,), generator=self.generator)])
+        order = torch.cat(picks)
+        return order[torch.randperm(len(order), generator=self.generator)]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        order = self._order()
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            images = self.patch_set["image"][index].float().div_(255)
+            if self.augment is not None:
+                images, _ = self.augment(images, generator=self.generator)
+            yield {"image": normalize(images, IMAGENET_MEAN, IMAGENET_STD) if self.normalize else images,
+                   "patch_labels": self.patch_set["patch_labels"][index]}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What decides the next epoch's draw and augmentation (saved in ``fit``'s checkpoints)."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])

@@ -1,13 +1,18 @@
 """CLPI patch labels: hand-computed grids, a brute-force reference, the paper's lesion-centred boxes."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
-from fundus_lib.data.manifest import LESIONS
-from fundus_lib.data.patches import (PATCH_LESIONS, class_map, crop_patches, grid_patch_labels,
-                                     lesion_patch_centres)
+from fundus_lib.data.manifest import LESIONS, make_manifest
+from fundus_lib.data.patches import (PATCH_LESIONS, PatchLoader, class_map, crop_patches, grid_patch_labels,
+                                     lesion_patch_centres, lesion_patch_set, patch_count_table)
+from fundus_lib.data.transforms import normalize
 
 
 def masks_with(shape: tuple[int, int], pixels: dict[str, list[tuple[int, int]]]) -> torch.Tensor:
@@ -134,3 +139,82 @@ def test_crop_patches_cuts_centred_windows_with_zero_padding():
     assert torch.equal(corner[:, 2:, 2:], image[:, 0:2, 0:2])
     with pytest.raises(ValueError, match="inside"):
         crop_patches(image, [[20, 0]], size=4)
+
+
+# --------------------------------------------------------------------------- patch sets from a manifest
+
+def write_patch_fixture(root: Path) -> pd.DataFrame:
+    """Three 96 x 96 photos: a DR2 image with MA and hard-exudate masks, a No-DR image whose field
+    of view is the bright square rows/cols 20..75 (black around it), and a DR1 image without masks."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, grade in (("lesions", 2), ("nodr", 0), ("unmasked", 1)):
+        image = rng.integers(60, 256, (96, 96, 3), dtype=np.uint8)
+        if name == "nodr":
+            image[:20] = image[76:] = image[:, :20] = image[:, 76:] = 0
+        Image.fromarray(image).save(root / f"{name}.png")
+        row = {"image_id": name, "image_path": str(root / f"{name}.png"), "dr_grade": grade, "source": "fixture"}
+        if name != "unmasked":
+            row.update({f"lesion_{lesion}": 0 for lesion in PATCH_LESIONS})
+        rows.append(row)
+    for lesion, box in (("MA", (slice(10, 13), slice(10, 13))), ("HaEx", (slice(50, 60), slice(40, 50)))):
+        mask = np.zeros((96, 96), dtype=np.uint8)
+        mask[box] = 255
+        Image.fromarray(mask).save(root / f"lesions_{lesion}.png")
+        rows[0].update({f"mask_{lesion}": str(root / f"lesions_{lesion}.png"), f"lesion_{lesion}": 1})
+    return make_manifest(rows)
+
+
+def test_lesion_patch_set_positives_from_masks_negatives_from_no_dr_images(tmp_path):
+    manifest = write_patch_fixture(tmp_path)
+    patch_set = lesion_patch_set(manifest, negatives_per_image=5, seed=1)
+    assert patch_set["image"].dtype == torch.uint8 and patch_set["image"].shape == (7, 3, 68, 68)
+    assert patch_set["patch_labels"].tolist() == [1, 3, 0, 0, 0, 0, 0]
+    assert patch_set["image_id"] == ["lesions"] * 2 + ["nodr"] * 5   # the DR1 image without masks gives none
+    lesion_image = torch.from_numpy(np.array(Image.open(tmp_path / "lesions.png"))).permute(2, 0, 1)
+    assert torch.equal(patch_set["image"][:2], crop_patches(lesion_image, [[11, 11], [54, 44]]))
+    centres = patch_set["image"][2:, :, 34, 34]  # the centre pixel of each negative lies in the field of view
+    assert (centres.amax(dim=1) >= 60).all()
+    assert lesion_patch_set(manifest, negatives_per_image=0)["patch_labels"].tolist() == [1, 3]
+
+
+def test_patch_count_table_has_table_iii_layout(tmp_path):
+    patch_set = lesion_patch_set(write_patch_fixture(tmp_path), negatives_per_image=3)
+    table = patch_count_table({"train": patch_set})
+    assert table.loc["train"].to_dict() == {"lesion images": 1, "background": 3, "microaneurysm": 1,
+                                            "haemorrhage": 0, "exudate": 1}
+
+
+def test_lesion_patch_set_rejects_bad_input(tmp_path):
+    manifest = write_patch_fixture(tmp_path)
+    with pytest.raises(ValueError, match="negatives_per_image"):
+        lesion_patch_set(manifest, negatives_per_image=-1)
+    with pytest.raises(ValueError, match="no patches"):
+        lesion_patch_set(manifest[manifest["image_id"] == "unmasked"])
+
+
+def toy_patch_set() -> dict:
+    labels = torch.tensor([0] * 10 + [1] * 2 + [3] * 4)
+    images = torch.arange(16, dtype=torch.uint8).view(16, 1, 1, 1).expand(16, 3, 68, 68).contiguous()
+    return {"image": images, "patch_labels": labels, "image_id": [str(i) for i in range(16)]}
+
+
+def test_patch_loader_serves_every_patch_once_or_balanced_classes():
+    patch_set = toy_patch_set()
+    plain = PatchLoader(patch_set, batch_size=5, shuffle=False, normalize=False)
+    batches = list(plain)
+    assert len(plain) == len(batches) == 4
+    assert torch.equal(torch.cat([b["patch_labels"] for b in batches]), patch_set["patch_labels"])
+    assert torch.equal(batches[0]["image"], patch_set["image"][:5].float() / 255)
+    balanced = PatchLoader(patch_set, batch_size=4, per_class=6, generator=torch.Generator().manual_seed(0))
+    labels = torch.cat([b["patch_labels"] for b in balanced])
+    assert len(balanced) == 5 and torch.bincount(labels).tolist() == [6, 6, 0, 6]
+    normalised = next(iter(PatchLoader(patch_set, batch_size=2, shuffle=False)))["image"]
+    assert torch.allclose(normalised, normalize(patch_set["image"][:2].float() / 255))
+
+
+def test_patch_loader_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="batch_size"):
+        PatchLoader(toy_patch_set(), batch_size=0)
+    with pytest.raises(ValueError, match="per_class"):
+        PatchLoader(toy_patch_set(), batch_size=2, per_class=0)
