@@ -73,6 +73,20 @@ def soft_dice_loss(probs: Tensor, target: Tensor, valid: Tensor, smooth: float =
     return 1.0 - (2.0 * intersection + smooth) / (denominator + smooth)
 
 
+def total_variation_loss(images: Tensor) -> Tensor:
+    """Squared total variation: mean squared difference of vertical neighbours plus that of horizontal ones.
+
+    ``mean((x[i+1, j] - x[i, j])^2) + mean((x[i, j+1] - x[i, j])^2)`` over a (B, C, H, W) batch, a
+    smoothness prior on generated images (DeepMT-DR's SR loss; the SRGAN-style code it comes from
+    has an extra factor 2).
+    """
+    if images.ndim != 4 or min(images.shape[-2:]) < 2:
+        raise ValueError(f"images must be a (B, C, H, W) tensor with H, W >= 2, got shape {tuple(images.shape)}")
+    vertical = (images[:, :, 1:, :] - images[:, :, :-1, :]).square().mean()
+    horizontal = (images[:, :, :, 1:] - images[:, :, :, :-1]).square().mean()
+    return vertical + horizontal
+
+
 class DiceSegLoss:
     """Pixel-level Dice loss over the mini-batch (Eq. 3): ``loss_seg``."""
 

@@ -23,6 +23,16 @@ MODELS: dict[str, str] = {
     "lnet": "fundus_lib.models.lnet:LNet",
     "sian": "fundus_lib.models.sian:SiAN",
     "lesion_concat": "fundus_lib.models.sian:LesionConcat",
+    # ELLG (Lin et al., IJCAI-W 2020): the o_O DR detection net
+    "o_o": "fundus_lib.models.o_o:OONet",
+    # CLPI (Yang et al., IEEE T-Cyb 2022): the whole model and its lesion attention generator
+    "clpi": "fundus_lib.models.clpi:CLPI",
+    "clpi_generator": "fundus_lib.models.clpi:LesionAttentionGenerator",
+    # DeepMT-DR (Wang et al., AAAI 2021): the hierarchy and its three networks
+    "deepmt": "fundus_lib.models.deepmt:DeepMT",
+    "deepmt_sr": "fundus_lib.models.deepmt:SRNet",
+    "deepmt_seg": "fundus_lib.models.deepmt:MultiScaleUNet",
+    "deepmt_grader": "fundus_lib.models.deepmt:SPPGrader",
 }
 
 

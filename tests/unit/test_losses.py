@@ -16,6 +16,7 @@ from fundus_lib.losses import (
     FocalLoss,
     MultiTaskLoss,
     WeightedBCELoss,
+    total_variation_loss,
 )
 
 BIG = 30.0  # a logit whose sigmoid is 1 to float precision
@@ -252,3 +253,13 @@ def test_bad_inputs_raise_clear_errors():
         FocalLoss()(outputs, make_batch(torch.zeros(1, 2, 4, 4), torch.ones(1, 3)))
     with pytest.raises(ValueError, match="pos_weight"):
         WeightedBCELoss(pos_weight=[1.0, 2.0, 3.0])(outputs, make_batch(torch.zeros(1, 2, 4, 4)))
+
+
+def test_total_variation_matches_hand_computation_and_is_zero_on_constants():
+    image = torch.tensor([[[[0.0, 1.0, 3.0], [2.0, 2.0, 2.0]]]])  # (1, 1, 2, 3)
+    vertical = (2.0 ** 2 + 1.0 ** 2 + 1.0 ** 2) / 3  # rows differ by 2, 1, -1
+    horizontal = (1.0 + 4.0 + 0.0 + 0.0) / 4  # steps 1, 2 in row 0; 0, 0 in row 1
+    assert total_variation_loss(image).item() == pytest.approx(vertical + horizontal)
+    assert total_variation_loss(torch.full((2, 3, 5, 4), 0.7)).item() == 0.0
+    with pytest.raises(ValueError, match="H, W >= 2"):
+        total_variation_loss(torch.zeros(1, 3, 1, 4))
