@@ -171,6 +171,24 @@ def paired_t_interval(
         p_value=float(2 * sps.t.sf(abs(mean / se), df)), effect_size=float(mean / sd))
 
 
+def seed_verdict(differences: Sequence[float] | np.ndarray, *, names: tuple[str, str] = ("A", "B"),
+                 metric_name: str = "score", level: float = 0.95, n_images: int | None = None) -> str:
+    """The verdict sentence of :func:`paired_t_interval` when the seeds allow one, else a plain
+    sentence saying why there is no interval (one seed; the same difference on every seed).
+
+    For notebooks, whose small profiles can give either case: they print what the runs support
+    instead of stopping.
+    """
+    d = np.asarray(differences, dtype=float)
+    if d.ndim == 1 and d.size == 1:
+        return (f"one seed: {names[0]} minus {names[1]} is {d[0]:+.3f} {metric_name}, and one seed gives no "
+                "interval (run more seeds)")
+    if d.ndim == 1 and d.size > 1 and np.isfinite(d).all() and np.ptp(d) == 0:
+        return (f"{names[0]} minus {names[1]} is {d[0]:+.3f} {metric_name} on every one of {d.size} seeds: "
+                "no spread across seeds, so no t-interval")
+    return paired_t_interval(d, names=names, metric_name=metric_name, level=level, n_images=n_images).verdict()
+
+
 def seed_metrics(y_true: Sequence[Any] | np.ndarray, predictions: np.ndarray, metric: Metric,
                  name: str = "predictions") -> np.ndarray:
     """``metric(y_true, predictions[s])`` for every seed s: an array of shape (n_seeds,).

@@ -303,3 +303,16 @@ def test_compare_table_has_one_row_per_comparison():
     assert table.loc[0, "effect"] == pytest.approx(boot.effect)
     assert table.loc[1, "p_value"] == pytest.approx(t.p_value) and np.isnan(table.loc[0, "p_value"])
     assert list(stats.compare_table([]).columns) == list(table.columns)
+
+
+def test_seed_verdict_speaks_for_every_seed_count():
+    from fundus_lib.stats import seed_verdict
+
+    assert seed_verdict([0.02], names=("A", "B"), metric_name="acc").startswith("one seed: A minus B is +0.020 acc")
+    same = seed_verdict([0.1, 0.1, 0.1], names=("A", "B"), metric_name="acc")
+    assert "on every one of 3 seeds" in same and "no t-interval" in same
+    d = np.array([0.05, -0.02, 0.01])
+    assert seed_verdict(d, names=("A", "B"), metric_name="acc", n_images=10) == \
+        stats.paired_t_interval(d, names=("A", "B"), metric_name="acc", n_images=10).verdict()
+    with pytest.raises(ValueError, match="finite|NaN"):
+        seed_verdict([0.1, float("nan")])
