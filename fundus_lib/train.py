@@ -177,17 +177,23 @@ class EpochMeter:
             self.sums[name] = self.sums[name] + value if name in self.sums else value
 
     def first_bad(self) -> tuple[int, float] | None:
-        """(batch number, loss value) of the first non-finite loss, or None. Reads the device once."""
+        """(batch number, loss value) of the first non-finite loss, or None. Reads the device once.
+
+        Under DistributedDataParallel the flag is first reduced over the ranks (MAX), so every rank
+        stops at the same check instead of one waiting forever in the next gradient all-reduce.
+        """
+        if _is_distributed():
+            dist.all_reduce(self._first_bad, op=dist.ReduceOp.MAX)
         index, value = torch.stack([self._first_bad.float(), self._bad_value]).tolist()
         return (int(index), value) if index >= 0 else None
 
     def all_reduce(self) -> None:
-        """Sum the loss sums, counts and flags over DistributedDataParallel ranks, on the device."""
+        """Sum the loss sums and image counts over DistributedDataParallel ranks, on the device (the
+        non-finite flag is reduced by :meth:`first_bad`)."""
         names = sorted(self.sums)
         packed = torch.stack([self.sums[k].double() for k in names]
                              + [torch.tensor(float(self.seen), dtype=torch.float64, device=self.device)])
         dist.all_reduce(packed)
-        dist.all_reduce(self._first_bad, op=dist.ReduceOp.MAX)
         self.sums = {k: packed[i] for i, k in enumerate(names)}
         self._reduced_seen = packed[-1]
 

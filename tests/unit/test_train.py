@@ -227,7 +227,10 @@ def test_epoch_reduction_packs_its_tensors_on_the_training_device(monkeypatch):
     reduced = []
     monkeypatch.setattr(train_module.dist, "all_reduce", lambda tensor, op=None: reduced.append(tensor.device))
     meter.all_reduce()
-    assert reduced and all(d == device for d in reduced), reduced
+    monkeypatch.setattr(train_module, "_is_distributed", lambda: True)
+    with pytest.raises(NotImplementedError):  # reading a meta tensor back fails after the reduction ran
+        meter.first_bad()
+    assert len(reduced) == 2 and all(d == device for d in reduced), reduced
 
 
 class TwoHeads(nn.Module):
