@@ -10,7 +10,6 @@ throw-away project folder (``FUNDUS_HOME``), never into the checkout's ``data/ge
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import papermill as pm

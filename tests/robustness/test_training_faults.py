@@ -1,7 +1,6 @@
 """Faults during training: kills, broken or hostile checkpoints, full disks, NaN metrics, divergence,
 misused schedulers. Each case asserts a clear error naming the item, or the documented result."""
 import errno
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from fundus_lib import train
 from fundus_lib.data.pipeline import synthetic_benchmark
 from fundus_lib.train import CheckpointError, DivergenceError, NonFiniteLossError, fit, load_checkpoint, save_checkpoint
 from tests.unit.test_train import Net, accuracy, cross_entropy, loaders
