@@ -11,14 +11,19 @@ summarises the AAO preferred-practice-pattern guideline), checked from the most 
 grade  rule (first that applies)
 =====  =====================================================================================
 4      NV, vHE or pHE present (proliferative DR)
-3      CWS present, or iHE in all 4 quadrants with at least ``severe_ihe_per_quadrant`` each
-2      iHE or HaEx present
+3      iHE in all 4 quadrants with at least ``severe_ihe_per_quadrant`` each, or CWS together
+       with grade-2 evidence
+2      iHE present, or HaEx together with MA
 1      MA present (and nothing above: "MA exclusively")
-0      otherwise
+0      otherwise — an eye with HaEx or CWS alone is DR 0 (it may still have DME)
 =====  =====================================================================================
 
 Notes on the rule:
 
+* HaEx, CWS and FiP are *indirect* evidence: the paper (Sec. 4.1) says they "alone shall not be
+  considered as a sign of DR". Direct evidence (MA, iHE, NV, vHE, pHE) decides the grade; HaEx
+  raises MA-only eyes to grade 2 and CWS raises grade-2 eyes to grade 3, never on their own.
+  (An earlier version of this module made HaEx and CWS sufficient on their own, contrary to the paper.)
 * FiP is "indirect" evidence for DR4 in Table 1 ("a FiP is often considered to be a sign of DR4
   when it does not occur alone", paper section 3). It never raises the grade on its own here;
   the synthetic generator only draws FiP together with NV, which already gives DR4.
@@ -36,8 +41,8 @@ DME grade — the Messidor / IDRiD rule: 0 when there is no HaEx; 2 when the cen
 lies within 1 disc diameter of the fovea centre (distance <= 1 DD, boundary included); else 1.
 
 Referable — DR grade >= 2 (moderate non-proliferative DR or worse), the binarisation CANet uses
-on Messidor (grades 0-1 vs 2-3). In this rule set DME >= 1 needs a HaEx, which already gives
-DR >= 2, so "DR >= 2" and "DR >= 2 or DME >= 1" coincide for any inventory.
+on Messidor (grades 0-1 vs 2-3). DME plays no part: an eye with hard exudates alone is DR 0
+with DME >= 1, and not referable for DR.
 
 Quadrants are centred on the fovea: superior / inferior by the horizontal line through the
 fovea centre (image y grows downwards, so superior means smaller y), nasal / temporal by the
@@ -182,9 +187,10 @@ def dr_grade(inventory: LesionInventory, severe_ihe_per_quadrant: int = SEVERE_I
     if any(counts[name] for name in PROLIFERATIVE_LESIONS):
         return 4
     ihe_by_quadrant = quadrant_counts(inventory)["iHE"]
-    if counts["CWS"] or all(ihe_by_quadrant[q] >= severe_ihe_per_quadrant for q in QUADRANTS):
+    grade_two_evidence = bool(counts["iHE"] or (counts["HaEx"] and counts["MA"]))
+    if all(ihe_by_quadrant[q] >= severe_ihe_per_quadrant for q in QUADRANTS) or (counts["CWS"] and grade_two_evidence):
         return 3
-    if counts["iHE"] or counts["HaEx"]:
+    if grade_two_evidence:
         return 2
     if counts["MA"]:
         return 1

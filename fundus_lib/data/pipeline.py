@@ -50,13 +50,13 @@ def synthetic_benchmark(n_train: int, n_val: int, n_test: int, image_size: int, 
     """The synthetic benchmark's train / val / test manifest, generating each split once.
 
     Each split is written by :func:`fundus_lib.data.synthetic.write_dataset` into
-    ``root/<key>/<split>`` (the key encodes every parameter, so a different size or seed never
-    reuses stale images) with its own seed, and read back by the synthetic source.
+    ``root/<key>/<split>`` (the key encodes every parameter and the generator version, so a
+    different size, seed or generator never reuses stale images) with its own seed, and read back by the synthetic source.
     """
     from fundus_lib.data.sources.synthetic import load_synthetic
-    from fundus_lib.data.synthetic import write_dataset
+    from fundus_lib.data.synthetic import GENERATOR_VERSION, write_dataset
 
-    key = f"{domain}-{image_size}px-d{difficulty:g}-seed{seed}-{n_train}-{n_val}-{n_test}"
+    key = f"v{GENERATOR_VERSION}-{domain}-{image_size}px-d{difficulty:g}-seed{seed}-{n_train}-{n_val}-{n_test}"
     parts = []
     for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
         folder = Path(root) / key / split

@@ -27,8 +27,13 @@ Determinism: image ``i`` of a call with ``seed`` draws from ``SeedSequence(seed,
 whatever the chunking, the ``start`` offset or the number of worker processes.
 
 Default class prior: the IDRiD DR x DME joint distribution of CANet (Li et al., TMI 2020,
-Table III), :data:`IDRID_PRIOR`. DR 0-1 with DME > 0 is impossible under the rules (DME needs a
-hard exudate, which is DR2 evidence) and IDRiD has none either.
+Table III), :data:`IDRID_PRIOR`. DR 1 with DME > 0 is impossible under the rules (DME needs a
+hard exudate, and exudates beside microaneurysms are DR2 evidence); DR 0 with DME (exudates alone)
+is possible, but IDRiD has none, so the default prior never draws it.
+
+:data:`GENERATOR_VERSION` changes whenever the same arguments would give different images or
+labels (v2: HaEx and CWS became indirect evidence in the DR rule); cached benchmarks carry it in
+their folder name, so a stale one is never reused.
 
 Domains (:data:`DOMAINS`): ``cam_a`` (full circular field, warm orange), ``cam_b`` (field cut flat
 at top and bottom, darker and more saturated, mild JPEG), ``cam_c`` (notched rim like
@@ -51,6 +56,7 @@ from fundus_lib.data.synthetic.anatomy import Geometry
 from fundus_lib.data.synthetic.domains import (DOMAINS, OVER_EXPOSURE, QUALITY_THRESHOLDS, UNDER_EXPOSURE, Capture,
                                                Domain, DomainSpec)
 from fundus_lib.data.synthetic.lesions import DIFFICULTY_CONTRAST_DROP, DIFFICULTY_SIZE_DROP, LESION_SIZES, MIN_PIXELS
+from fundus_lib.data.synthetic.writer import GENERATOR_VERSION
 from fundus_lib.data.synthetic.prior import BALANCED_PRIOR, FEASIBLE_CELLS, IDRID_PRIOR, PriorSpec, resolve_prior
 # The rendering steps one by one, as notebook 02 walks through them:
 from fundus_lib.data.synthetic.rendering import _background as _background
@@ -64,6 +70,6 @@ from fundus_lib.data.synthetic.scenes import _streams as _streams
 from fundus_lib.data.synthetic.writer import SyntheticBatch, generate, make_lr, write_dataset
 
 __all__ = ["BALANCED_PRIOR", "Capture", "DIFFICULTY_CONTRAST_DROP", "DIFFICULTY_SIZE_DROP", "DOMAINS", "Domain",
-           "DomainSpec", "FEASIBLE_CELLS", "Geometry", "IDRID_PRIOR", "LESION_SIZES", "MIN_PIXELS", "OVER_EXPOSURE",
+           "DomainSpec", "FEASIBLE_CELLS", "GENERATOR_VERSION", "Geometry", "IDRID_PRIOR", "LESION_SIZES", "MIN_PIXELS", "OVER_EXPOSURE",
            "PriorSpec", "QUALITY_THRESHOLDS", "Scene", "SyntheticBatch", "UNDER_EXPOSURE", "generate", "image_id",
            "make_lr", "render", "resolve_prior", "sample_labels", "sample_scenes", "scene_labels", "write_dataset"]

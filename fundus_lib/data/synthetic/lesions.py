@@ -178,16 +178,20 @@ def _sample_inventory(rng: np.random.Generator, geo: Geometry, dr: int, dme: int
     def keep(points: np.ndarray) -> np.ndarray:
         return _keep(points, geo)
 
-    if dr == 1:
+    if dr == 0 and dme:
+        # hard exudates alone are indirect evidence: DR 0, yet DME (grading.py)
+        centres["HaEx"] = _exudate_points(rng, geo, dme)
+    elif dr == 1:
         centres["MA"] = _draw_points(rng, 1 + min(int(rng.poisson(3.0)), 11), pole, keep)
     elif dr >= 2:
-        centres["MA"] = _draw_points(rng, min(int(rng.poisson(6.0)), 20), pole, keep)
+        # at least one MA, so exudates (with MA) are grade-2 evidence even without haemorrhages
+        centres["MA"] = _draw_points(rng, 1 + min(int(rng.poisson(6.0)), 19), pole, keep)
         # DR3 evidence (always for DR3, in half of the DR4 eyes): CWS, 4-quadrant haemorrhages or both
         severe_signs = dr == 3 or (dr == 4 and rng.random() < 0.5)
         mode = str(rng.choice(["cws", "ihe", "both"], p=[0.45, 0.3, 0.25])) if severe_signs else "none"
         severe = mode in ("ihe", "both")
-        # a DR2 eye without exudates needs at least one haemorrhage to be DR2
-        minimum = 1 if (dr == 2 and dme == 0) else 0
+        # without exudates, grade-2 evidence (which CWS needs to give DR3) is a haemorrhage
+        minimum = 1 if dme == 0 else 0
         centres["iHE"] = _ihe_points(rng, geo, _sample_ihe_counts(rng, severe, minimum, severe_k))
         if mode in ("cws", "both"):
             centres["CWS"] = _draw_points(rng, int(rng.integers(1, 5)),

@@ -20,9 +20,10 @@ IDRID_PRIOR: np.ndarray = np.array([[134, 0, 0],
                                     [4, 2, 33]], dtype=float)
 IDRID_PRIOR.setflags(write=False)
 
-#: Which (DR, DME) cells the grading rules can produce: DME > 0 needs HaEx, which means DR >= 2.
+#: Which (DR, DME) cells the grading rules can produce: DME > 0 needs HaEx; HaEx alone is DR 0,
+#: HaEx with MA is DR >= 2, so DR 1 (MA only) never has DME.
 FEASIBLE_CELLS: np.ndarray = np.ones((5, 3), dtype=bool)
-FEASIBLE_CELLS[:2, 1:] = False
+FEASIBLE_CELLS[1, 1:] = False
 FEASIBLE_CELLS.setflags(write=False)
 
 #: ``"balanced"`` prior: each DR grade 1/5; within DR 2-4 the three DME grades equally likely.
@@ -34,7 +35,7 @@ def resolve_prior(prior: PriorSpec) -> np.ndarray:
     """The (5, 3) DR x DME probability table for ``prior``: ``"idrid"``, ``"balanced"`` or weights.
 
     Weights must be finite, non-negative, not all zero, and zero on the impossible cells
-    (DR 0-1 with DME 1-2).
+    (DR 1 with DME 1-2).
     """
     if isinstance(prior, str):
         tables = {"idrid": IDRID_PRIOR, "balanced": BALANCED_PRIOR}
@@ -48,6 +49,6 @@ def resolve_prior(prior: PriorSpec) -> np.ndarray:
     if not np.all(np.isfinite(table)) or np.any(table < 0) or table.sum() <= 0:
         raise ValueError("prior weights must be finite, non-negative and not all zero")
     if np.any(table[~FEASIBLE_CELLS] > 0):
-        raise ValueError("prior puts weight on DR 0-1 with DME 1-2, which the grading rules cannot produce "
-                         "(DME needs a hard exudate, and a hard exudate makes DR >= 2)")
+        raise ValueError("prior puts weight on DR 1 with DME 1-2, which the grading rules cannot produce "
+                         "(DME needs a hard exudate, and a hard exudate beside microaneurysms makes DR >= 2)")
     return table / table.sum()

@@ -56,6 +56,10 @@ def generate(n: int, size: int = 256, seed: int = 0, *, domain: DomainSpec = "ca
     return SyntheticBatch(images, masks, pd.DataFrame([scene_labels(scene) for scene in scenes]))
 
 
+#: Version of what the generator draws and labels: bumped whenever the same arguments would give
+#: different images or labels, so cached benchmarks (named with it) are never stale.
+GENERATOR_VERSION = 2
+
 _PNG = [cv2.IMWRITE_PNG_COMPRESSION, 3]
 
 

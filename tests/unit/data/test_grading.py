@@ -48,9 +48,14 @@ def test_quadrants_are_mirrored_between_eyes():
     ((at("ST", "MA"), at("IN", "MA")), 1),
     ((at("ST", "MA"), at("SN", "FiP")), 1),
     ((at("ST", "iHE"),), 2),
-    ((at("IT", "HaEx"),), 2),
+    ((at("IT", "HaEx"),), 0),  # HaEx alone is indirect evidence only (L-Net/SiAN Sec. 4.1)
+    ((at("ST", "CWS"),), 0),  # so is CWS alone
+    ((at("ST", "CWS"), at("IT", "HaEx")), 0),
+    ((at("ST", "MA"), at("IN", "HaEx")), 2),  # HaEx beside MA
     ((at("ST", "MA"), at("SN", "iHE"), at("IN", "HaEx")), 2),
-    ((at("ST", "CWS"),), 3),
+    ((at("ST", "MA"), at("ST", "CWS")), 1),  # CWS needs grade-2 evidence, MA alone is not
+    ((at("ST", "iHE"), at("IT", "CWS")), 3),
+    ((at("ST", "MA"), at("IN", "HaEx"), at("IT", "CWS")), 3),
     ((at("ST", "MA"), at("ST", "iHE"), at("IT", "CWS")), 3),
     ((at("ST", "NV"),), 4),
     ((at("ST", "vHE"),), 4),
@@ -99,6 +104,8 @@ def test_referable_and_combined_grades():
     with pytest.raises(ValueError, match="dr must be"):
         is_referable(5)
     result = grade(inventory(("HaEx", FOVEA[0] + 10.0, FOVEA[1], 2.0)))
+    assert (result.dr, result.dme, result.referable) == (0, 2, False)  # exudates alone: DME, not DR
+    result = grade(inventory(("HaEx", FOVEA[0] + 10.0, FOVEA[1], 2.0), at("ST", "MA")))
     assert (result.dr, result.dme, result.referable) == (2, 2, True)
     assert grade(inventory(at("ST", "MA"))).referable is False
 
