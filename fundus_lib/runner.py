@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -86,6 +87,38 @@ def write_results(result: NotebookResult, sidecar: Path, profile: str, root: Pat
     with atomic_write(path) as stream:
         stream.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
+
+
+#: The roadmap row of a notebook in README.md; its last cell holds the quick-profile minutes.
+_ROADMAP_ROW = r"^(\| \d\d \| \[[^\]]+\]\(notebooks/{stem}\.ipynb\) \|.*\| )[0-9.]+( \|)$"
+#: How a notebook's opening states its quick-profile run time.
+_OPENING = re.compile(r"(quick profile \(the committed outputs\)\s+)(?:about \d+ minutes?|under 1 minute)")
+
+
+def state_run_time(notebook: Path, minutes: float, root: Path) -> list[str]:
+    """Write a committed run's minutes where people read them — the README roadmap row and the
+    notebook's opening ("about N minutes") — so both always equal ``results/<notebook>/quick.json``.
+    Returns the places that hold no run-time statement to update (a test fails on them)."""
+    missing, minutes = [], round(minutes, 2)  # as write_results records it
+    readme = root / "README.md"
+    text, found = re.subn(_ROADMAP_ROW.format(stem=re.escape(notebook.stem)), rf"\g<1>{round(minutes, 1):.1f}\g<2>",
+                          readme.read_text(), flags=re.M)
+    if found:
+        from fundus_lib.utils import atomic_write
+
+        with atomic_write(readme) as stream:
+            stream.write(text)
+    else:
+        missing.append(f"README.md has no roadmap row linking notebooks/{notebook.name}")
+    phrase = "under 1 minute" if minutes < 1 else f"about {max(1, round(minutes))} minute{'s' if round(minutes) > 1 else ''}"
+    nb = nbformat.read(notebook, as_version=4)
+    opening = [cell for cell in nb.cells[:3] if cell.cell_type == "markdown" and _OPENING.search(cell.source)]
+    if opening:
+        opening[0].source = _OPENING.sub(lambda m: m.group(1) + phrase, opening[0].source, count=1)
+        nbformat.write(nb, notebook)
+    else:
+        missing.append(f"{notebook.name}: no 'quick profile (the committed outputs) about N minutes' in its opening")
+    return missing
 
 
 def run_notebook(notebook: Path, out_dir: Path, profile: str, root: Path, inject: bool) -> NotebookResult:
@@ -161,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             staged = notebook.with_suffix(".ipynb.tmp")
             shutil.copyfile(executed, staged)
             os.replace(staged, notebook)  # atomic: a committed notebook is never half-written
+            for problem in state_run_time(notebook, result.minutes, root):
+                print(f"  run time not stated: {problem}", file=sys.stderr)
         if result.status == "ok" and (args.in_place or args.profile == "gpu"):
             print(f"  results: {write_results(result, out_dir / f'{notebook.stem}.metrics.json', args.profile, root)}")
         results.append(result)

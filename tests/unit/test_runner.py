@@ -47,3 +47,26 @@ def test_discover_filters_by_prefix(tmp_path):
     assert [p.stem for p in runner.discover(tmp_path, ["1"])] == ["10_b", "11_c"]
     with pytest.raises(SystemExit, match="no notebook"):
         runner.discover(tmp_path, ["99"])
+
+
+def test_state_run_time_writes_the_minutes_into_the_readme_row_and_the_opening(tmp_path):
+    import nbformat
+
+    from fundus_lib.runner import state_run_time
+
+    (tmp_path / "README.md").write_text("| # | notebook | minutes |\n|---|---|---|\n"
+                                        "| 11 | [CANet](notebooks/11_x.ipynb) | Li | 2.7 |\n"
+                                        "| 12 | CLPI | *planned* | — |\n")
+    notebook = tmp_path / "11_x.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        "# T\n**Run time**: quick profile (the committed outputs) about 5 minutes (shared machine).")])
+    nbformat.write(nb, notebook)
+    assert state_run_time(notebook, 3.456, tmp_path) == []
+    assert "| 11 | [CANet](notebooks/11_x.ipynb) | Li | 3.5 |" in (tmp_path / "README.md").read_text()
+    assert "| 12 | CLPI | *planned* | — |" in (tmp_path / "README.md").read_text()
+    assert "(the committed outputs) about 3 minutes (shared" in nbformat.read(notebook, 4).cells[0].source
+    assert state_run_time(notebook, 0.4, tmp_path) == []
+    assert "(the committed outputs) under 1 minute (shared" in nbformat.read(notebook, 4).cells[0].source
+    other = tmp_path / "13_y.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# no run time")]), other)
+    assert len(state_run_time(other, 1.0, tmp_path)) == 2  # neither place states it: both reported
