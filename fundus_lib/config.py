@@ -143,18 +143,68 @@ PARAMETERS: dict[str, Param] = {
     "repeats": Param(int, "independent seeds per configuration (error bars)", 1, 50),
     "lam": Param(float, "loss weight lambda: CANet Eq. 7 auxiliary heads; L-Net Eq. 2 segmentation term", 0.0, 1.0),
     "lambdas": Param(list, "lambda values of a sweep", 0.0, 1.0),
+    "freeze_backbone": Param(bool, "train only the heads on feature maps of a frozen shared backbone, "
+                                   "computed once (else every model trains end to end)"),
+    "pretrain_images": Param(int, "synthetic images (disjoint from train/val/test) on which the shared "
+                                  "backbone first learns image-level lesion presence; 0 = none", 0, 1_000_000),
+    "pretrain_epochs": Param(int, "epochs of that lesion-presence pretraining", 0, 100_000),
+    "output_stride": Param(int, "input size / last feature-map size of the backbone (16: a ResNet's last "
+                                "stage keeps its resolution)", choices=(16, 32)),
     "domain": Param(str, "synthetic camera domain", choices=("cam_a", "cam_b", "cam_c", "low_quality")),
-    "difficulty": Param(float, "synthetic lesion difficulty: 0 easy .. 1 hard (smaller, fainter)", 0.0, 1.0),
+    "difficulty": Param(float, "synthetic lesion difficulty: 0 easy .. 1 hard (smaller, fainter); None for a real "
+                               "dataset", 0.0, 1.0, nullable=True),
     "interactive": Param(bool, "build ipywidgets explorers (off in CI)"),
     "patience": Param(int, "early-stopping patience in epochs (validation split only)", 1, 10_000),
     "seg_epochs": Param(int, "epochs of the segmentation (L-Net) stage", 1, 100_000),
     "grade_epochs": Param(int, "epochs of the grading (SiAN / classifier) stage", 1, 100_000),
     "seg_image_size": Param(int, "input side of the segmentation network, in pixels", 75, 4096),
     "variants": Param(list, "L-Net variants to compare", choices=("32s", "16s", "8s", "4s", "2s")),
+    "crop_size": Param(int, "side of the lesion-centred training crops and of the sliding test windows of "
+                            "L-Net, in pixels (<= seg_image_size)", 32, 4096),
+    "crops_per_epoch": Param(int, "lesion-centred training crops drawn per L-Net epoch (None: as many as "
+                                  "training images)", 1, 10_000_000, nullable=True),
     "losses": Param(list, "segmentation losses to compare", choices=("wce", "focal", "dice", "dual")),
     "paper_schedule": Param(bool, "train with the paper's optimiser, lr-drop rule and augmentation "
                                   "(else a short CPU schedule)"),
     "run_ablation": Param(bool, "train the attention / fusion ablation (Table 7 of L-Net/SiAN)"),
+    "lr_scale": Param(int, "super-resolution factor: the LR input is the HR image down-sampled by it "
+                           "(DeepMT-DR: 4, the authors' scripts: 8)", choices=(2, 4, 8)),
+    "seg_width": Param(int, "first width of DeepMT-DR's segmentation U-Net (paper: 64, i.e. 64-1024)", 2, 256),
+    "grade_lr": Param(float, "learning rate of the grading stages (DeepMT-DR stages 2 and 3; lr: stage 1)", 1e-8, 10.0),
+    "sr_epochs": Param(int, "epochs of super-resolution warm-up (MSE + TV alone) before DeepMT-DR's stage 1",
+                       0, 100_000),
+    "loss_weights": Param(dict, "overrides of DeepMT-DR's loss weights by name (see "
+                                "fundus_lib.experiments.deepmt.LOSS_WEIGHTS); {} = the spec's weights"),
+    "grading_backbone": Param(str, "CLPI's grading backbone: densenet121 (paper), densenet161, or densenet_small "
+                                   "(growth 16, 2-4-6-4 dense layers: CPU profiles)",
+                              choices=("densenet121", "densenet161", "densenet_small")),
+    "generator_widths": Param(list, "widths of CLPI's lesion attention generator convs (Table II: "
+                                    "[32, 64, 128, 256, 512, 1024, 1024, 1024])", 1, 8192),
+    "lesion_dataset": Param(str, "dataset whose lesion masks give CLPI's patches when the grading data has none; "
+                                 "None = the grading data's own masks", nullable=True,
+                            choices=("idrid_segmentation", "ddr_segmentation")),
+    "lesion_data_dir": Param(str, "folder of lesion_dataset's official download (None: FUNDUS_LESION_DATA_DIR)",
+                             nullable=True),
+    "patch_epochs": Param(int, "epochs of CLPI's patch pre-training of the lesion attention generator", 1, 100_000),
+    "patches_per_class": Param(int, "lesion patches drawn per class and epoch (class-balanced pre-training)",
+                               1, 1_000_000),
+    "negatives_per_image": Param(int, "background patches cut from each No-DR image", 0, 10_000),
+    "ablation_rows": Param(list, "CLPI ablation rows (Table VIII, Fig. 6) to train",
+                           choices=("CLPI", "CLPI w/o end-to-end", "CLPI w/o shortcut", "CLPI-", "DenseNet")),
+    "discard_fractions": Param(list, "shares of lesion annotations discarded before patch pre-training (Fig. 8)",
+                               0.0, 0.99),
+    "test_domains": Param(list, "synthetic camera domains the graders are also tested on (Table VI's shape)",
+                          choices=("cam_a", "cam_b", "cam_c", "low_quality")),
+    "width": Param(int, "channels of the o_O net's first block (ELLG's DR detection net; paper: 32)", 1, 512),
+    "rounds": Param(list, "ELLG rounds after the baseline, in order: 'original' (original images) or "
+                          "'combined' (original + generated images); paper: 4 alternating rounds",
+                    choices=("original", "combined")),
+    "round_epochs": Param(int, "epochs per ELLG round; the learning rate drops 10x after each third "
+                               "(paper: 30)", 1, 100_000),
+    "round_lr": Param(float, "learning rate at the start of each ELLG round (paper: 3e-5)", 1e-8, 10.0),
+    "gate_t": Param(float, "gate threshold t of ELLG's Eq. 2, in the raw saliency map's units (paper: 1.00)",
+                    -1e6, 1e6),
+    "n_generated": Param(int, "lesion images generated per 'combined' ELLG round", 0, 1_000_000),
 }
 
 

@@ -1,6 +1,6 @@
 """Label files and dataset folders as users really have them, read through ``load_source``.
 
-Each case starts from a fixture tree that mimics an official layout (tests/unit/data/source_fixtures),
+Each case starts from a fixture tree that mimics an official layout (fundus_lib.data.demo_layouts),
 breaks one thing and expects either a ManifestError (or warning) naming the file, the line and
 what is wrong, or the manifest of the intact tree.
 """
@@ -17,7 +17,7 @@ from fundus_lib.data.sources import load_source
 from fundus_lib.data.splits import LeakageError, assign_splits, check_no_leakage
 from fundus_lib.data.synthetic import write_dataset
 from fundus_lib.data.manifest import make_manifest
-from tests.unit.data.source_fixtures import (
+from fundus_lib.data.demo_layouts import (
     APTOS_LABELS, MESSIDOR_HEADER, MESSIDOR_ROWS, build_aptos, build_ddr, build_eyepacs, build_idrid, build_messidor,
     build_retinal_lesions, write_text,
 )

@@ -24,7 +24,7 @@ import nbformat
 import pytest
 
 from fundus_lib.config import resolve
-from tests.unit.data import source_fixtures
+from fundus_lib.data import demo_layouts as source_fixtures
 
 ROOT = Path(__file__).resolve().parents[2]
 READMES = (ROOT / "README.md", ROOT / "data" / "README.md")
@@ -64,7 +64,7 @@ SUBSTITUTIONS = {
     ("data/README.md", '"data/generated/my-set"'): '"{tmp}/my-set"',
     ("data/README.md", "n=200, size=256"): "n=3, size=64",
 }
-#: source name -> fixture builder (tests/unit/data/source_fixtures.py), for the inline load_source calls.
+#: source name -> fixture builder (fundus_lib/data/demo_layouts.py), for the inline load_source calls.
 BUILDERS = {
     "idrid": source_fixtures.build_idrid, "messidor": source_fixtures.build_messidor,
     "messidor2": source_fixtures.build_messidor2, "aptos": source_fixtures.build_aptos,

@@ -12,8 +12,8 @@ from fundus_lib.data.manifest import ManifestError
 from fundus_lib.data.pipeline import load_dataset
 from fundus_lib.data.splits import check_no_leakage
 from fundus_lib.data.synthetic import generate
-from tests.unit.data import source_fixtures
-from tests.unit.data.source_fixtures import build_idrid, build_messidor
+from fundus_lib.data import demo_layouts as source_fixtures
+from fundus_lib.data.demo_layouts import build_idrid, build_messidor
 
 IMAGE_SIZE = 32
 #: 16 training images, 8 of them DR 0: enough for a 15 % validation share stratified by grade (the

@@ -5,7 +5,7 @@ import pytest
 
 from fundus_lib.data.manifest import ManifestError
 from fundus_lib.data.sources.aptos import load_aptos
-from tests.unit.data.source_fixtures import APTOS_LABELS, build_aptos
+from fundus_lib.data.demo_layouts import APTOS_LABELS, build_aptos
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 
 from fundus_lib.data.manifest import ManifestError, read_mask
 from fundus_lib.data.sources.ddr import load_ddr_grading, load_ddr_segmentation
-from tests.unit.data.source_fixtures import DDR_GRADING, DDR_SEGMENTATION, SIZE, build_ddr
+from fundus_lib.data.demo_layouts import DDR_GRADING, DDR_SEGMENTATION, SIZE, build_ddr
 
 DDR_TO_PROJECT = {"MA": "MA", "HE": "iHE", "EX": "HaEx", "SE": "CWS"}
 

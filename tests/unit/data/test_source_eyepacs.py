@@ -5,7 +5,7 @@ import pytest
 
 from fundus_lib.data.manifest import ManifestError
 from fundus_lib.data.sources.eyepacs import load_eyepacs
-from tests.unit.data.source_fixtures import EYEPACS_BLACK, EYEPACS_CORRUPT, EYEPACS_TEST, EYEPACS_TRAIN, build_eyepacs
+from fundus_lib.data.demo_layouts import EYEPACS_BLACK, EYEPACS_CORRUPT, EYEPACS_TEST, EYEPACS_TRAIN, build_eyepacs
 
 
 @pytest.fixture

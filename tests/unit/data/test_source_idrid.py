@@ -8,7 +8,7 @@ from PIL import Image
 
 from fundus_lib.data.manifest import LESIONS, ManifestError, read_mask
 from fundus_lib.data.sources.idrid import load_idrid_grading, load_idrid_localisation, load_idrid_segmentation
-from tests.unit.data.source_fixtures import (
+from fundus_lib.data.demo_layouts import (
     IDRID_DISC, IDRID_FOVEA, IDRID_GRADES, IDRID_MASK_FOLDERS, IDRID_SEGMENTATION, SIZE, build_idrid,
 )
 

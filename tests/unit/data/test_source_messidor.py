@@ -15,7 +15,7 @@ from fundus_lib.data.sources.messidor import BASE33_DUPLICATES, BASES, ERRATA, l
 from fundus_lib.data.splits import stratified_kfold
 from fundus_lib.data.standins import save_image
 from fundus_lib.data.xls_writer import write_xls
-from tests.unit.data.source_fixtures import (
+from fundus_lib.data.demo_layouts import (
     MESSIDOR_COPY, MESSIDOR_DEPARTMENTS, MESSIDOR_EXAMS, MESSIDOR_HEADER, MESSIDOR_ROWS, MESSIDOR_SPACED,
     build_messidor, textured_image, write_exam_list,
 )

@@ -6,7 +6,7 @@ import pytest
 
 from fundus_lib.data.manifest import ManifestError
 from fundus_lib.data.sources.messidor2 import load_messidor2
-from tests.unit.data.source_fixtures import build_messidor2
+from fundus_lib.data.demo_layouts import build_messidor2
 
 
 @pytest.fixture

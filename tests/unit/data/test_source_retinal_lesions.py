@@ -7,7 +7,7 @@ import pytest
 
 from fundus_lib.data.manifest import LESIONS, ManifestError, read_mask
 from fundus_lib.data.sources.retinal_lesions import MASK_FILES, load_retinal_lesions
-from tests.unit.data.source_fixtures import RETINAL_LESIONS, SIZE, build_retinal_lesions
+from fundus_lib.data.demo_layouts import RETINAL_LESIONS, SIZE, build_retinal_lesions
 
 
 @pytest.fixture

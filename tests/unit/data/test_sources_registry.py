@@ -6,7 +6,7 @@ import pytest
 from fundus_lib.data.manifest import MANIFEST_COLUMNS
 from fundus_lib.data.sources import SOURCES, get_loader, load_source
 from fundus_lib.data.sources.idrid import load_idrid_grading
-from tests.unit.data.source_fixtures import build_aptos, build_idrid
+from fundus_lib.data.demo_layouts import build_aptos, build_idrid
 
 EXPECTED = {"synthetic", "idrid_grading", "idrid_segmentation", "idrid_localisation", "messidor", "messidor2",
             "aptos", "eyepacs", "ddr_grading", "ddr_segmentation", "retinal_lesions"}

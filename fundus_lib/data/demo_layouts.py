@@ -1,11 +1,19 @@
-"""Small fixture trees that mimic the official dataset layouts, quirks included.
+"""Tiny folders that copy each official dataset layout, quirks included.
 
 Each ``build_<dataset>(root)`` writes a handful of tiny images, masks and label files under
-``root`` exactly where and how the official download puts them, and returns ``root``. The
-constants next to each builder are what the tests expect the manifests to contain. Unlike the
-stand-in trees of :mod:`fundus_lib.data.standins` (synthetic photographs in the layouts the
-sources define, for running the notebooks), these are written from data/README.md, quirks
-included, so they check the sources' own layout constants.
+``root`` exactly where and how the official download puts them, and returns ``root``: IDRiD's
+trailing-space CSV header and red RGB TIFF masks, Messidor's ``.xls`` workbooks (one named with a
+space) and a re-saved copy of one photograph, EyePACS's black and truncated images, DDR's label 5,
+Retinal-Lesions' 127-valued excluded pixels. The constants next to each builder are what the
+manifests read from them must contain.
+
+Two users: notebook 02 shows how each source turns an official folder into a manifest (no real
+dataset can ship with the course), and the unit tests of the sources check their layout
+constants against data/README.md with the same trees (they import this module). Unlike the
+stand-in trees of :mod:`fundus_lib.data.standins` (many synthetic photographs in the layouts the
+sources define, for training through the real-data path), these
+are written from data/README.md and keep every quirk, at a few pixels per image. They need NumPy,
+OpenCV and Pillow only.
 """
 from __future__ import annotations
 
