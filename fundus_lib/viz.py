@@ -420,10 +420,11 @@ def learning_curves(history: pd.DataFrame, metrics: Sequence[str] | None = None,
         ax.remove()
     for ax, (name, cols) in zip(axes, panels):
         for col in cols:
-            ax.plot(history["epoch"], history[col], marker="o", markersize=3,
-                    label=col.split("_", 1)[0] if name != "learning rate" else col)
+            split = {"train": "training", "val": "validation"}.get(col.split("_", 1)[0], col)
+            ax.plot(history["epoch"], history[col], marker="o", markersize=3, label=split)
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
         if name == "learning rate" and (history["lr"] > 0).all():
             ax.set_yscale("log")
         elif len(cols) > 1:
