@@ -6,6 +6,7 @@ Data flow (ResNet-50, 224 x 224 input; Fig. 3, Table I)::
       -> disease-specific attention, one per disease (Eq. 1-4):
            channel gate  A_c = sigmoid(MLP(GAP F) + MLP(GMP F)), MLP 2048->128->2048   -> F_i = A_c * F
            spatial gate  A_s = sigmoid(BN(Conv7x7([mean_c F_i ; max_c F_i])))          -> F'_i = A_s * F_i
+                         (Eq. 3 has no BN: it comes from the authors' code, see below)
       -> G_i = Linear(2048, 1024)(GAP F'_i)                  aux heads: Linear(1024, n) on G_i
       -> disease-dependent attention (Eq. 5-6), MLP 1024->64->1024:
            G'_DME = G_DME + A_DR * G_DR,  A_DR = sigmoid(MLP_DR(G_DR))     (switch ``dr_to_dme``)
@@ -28,7 +29,11 @@ Choices where the sources differ:
   (default) follows Eq. 5; ``dependent_gate="authors_code"`` reproduces the released code.
 - Spatial gate input: concat [channel mean ; channel max] in the paper's order (Eq. 3); the
   authors' code stacks [max ; mean], which is the same model with the two conv input planes
-  swapped. Its BatchNorm uses momentum 0.01 as in the CBAM reference code.
+  swapped.
+- Spatial gate normalisation: Eq. 3 is ``sigmoid(Conv([mean ; max]))``. The BatchNorm after the
+  convolution (momentum 0.01) is the authors' code (CBAM's ``BasicConv``), kept here. Their code
+  also initialises every convolution kaiming-normal (fan_out) and this BatchNorm's weight to 0, so
+  every spatial gate starts at sigmoid(0) = 0.5; this module keeps PyTorch's default initialisation.
 """
 from __future__ import annotations
 
@@ -65,7 +70,8 @@ class ChannelGate(nn.Module):
 
 
 class SpatialGate(nn.Module):
-    """Spatial attention map ``sigmoid(BN(Conv7x7([mean_c x ; max_c x])))`` (B, 1, H, W) (Eq. 3)."""
+    """Spatial attention map ``sigmoid(BN(Conv7x7([mean_c x ; max_c x])))`` (B, 1, H, W): Eq. 3 plus
+    the authors' BatchNorm (see the module docstring)."""
 
     def __init__(self, kernel_size: int = 7) -> None:
         super().__init__()
