@@ -159,10 +159,6 @@ PARAMETERS: dict[str, Param] = {
     "grade_epochs": Param(int, "epochs of the grading (SiAN / classifier) stage", 1, 100_000),
     "seg_image_size": Param(int, "input side of the segmentation network, in pixels", 75, 4096),
     "variants": Param(list, "L-Net variants to compare", choices=("32s", "16s", "8s", "4s", "2s")),
-    "crop_size": Param(int, "side of the lesion-centred training crops and of the sliding test windows of "
-                            "L-Net, in pixels (<= seg_image_size)", 32, 4096),
-    "crops_per_epoch": Param(int, "lesion-centred training crops drawn per L-Net epoch (None: as many as "
-                                  "training images)", 1, 10_000_000, nullable=True),
     "losses": Param(list, "segmentation losses to compare", choices=("wce", "focal", "dice", "dual")),
     "paper_schedule": Param(bool, "train with the paper's optimiser, lr-drop rule and augmentation "
                                   "(else a short CPU schedule)"),
