@@ -36,11 +36,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation
 
+from fundus_lib.data.manifest import LESIONS as PROJECT_LESIONS
+from fundus_lib.explain import gradient_maps
 from fundus_lib.losses import FocalLoss, soft_dice_loss, total_variation_loss
 from fundus_lib.models.backbones import build_backbone
 
 SEG_CLASSES: tuple[str, ...] = ("background", "MA", "HE", "EX", "SE")
 LESIONS: tuple[str, ...] = SEG_CLASSES[1:]
+#: DeepMT-DR's four lesions from the project's eight (:data:`fundus_lib.data.manifest.LESIONS`), the
+#: first source of each group being the slot where real datasets keep that annotation (IDRiD and DDR
+#: put their MA / HE / EX / SE masks in MA / iHE / HaEx / CWS, see ``fundus_lib.data.sources``). HE
+#: is every haemorrhage: IDRiD's and DDR's haemorrhage masks outline all haemorrhages they see, with no
+#: separate preretinal or vitreous class, so the synthetic benchmark's iHE, vHE and pHE are pooled.
+#: EX = hard exudates (HaEx), SE = soft exudates = cotton-wool spots (CWS). Neovascularisation and
+#: fibrous proliferation are not among the paper's lesions (DDR and IDRiD do not outline them) and
+#: count as background, as they do in those datasets.
+LESION_SOURCES: dict[str, tuple[str, ...]] = {"MA": ("MA",), "HE": ("iHE", "vHE", "pHE"), "EX": ("HaEx",),
+                                              "SE": ("CWS",)}
 GRADER_STAGES: tuple[str, ...] = ("layer1", "layer2", "layer3", "layer4")  # fine -> coarse, strides 4 .. 32
 UPSAMPLERS: tuple[str, ...] = ("sr", "bicubic", "identity")
 PARTS: tuple[str, ...] = ("upsampler", "segmenter", "grader", "fusion")
@@ -67,6 +79,27 @@ def upsampling_stages(scale: int) -> int:
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 2 or scale & (scale - 1):
         raise ValueError(f"scale must be a power of 2 >= 2 (the SR net up-samples by x2 stages), got {scale!r}")
     return int(math.log2(scale))
+
+
+def deepmt_masks(masks: Tensor, mask_valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The 4 DeepMT-DR lesion masks (B, 4, H, W) and their validity (B, 4) from the project's 8.
+
+    ``masks`` (B, 8, H, W) and ``mask_valid`` (B, 8) in :data:`fundus_lib.data.manifest.LESIONS`
+    order (what :class:`~fundus_lib.data.datasets.FundusDataset` yields). Each lesion of :data:`LESIONS`
+    is the union of its :data:`LESION_SOURCES`; it is valid where its first source is annotated
+    (a source not annotated contributes an empty mask: real datasets keep HE in the iHE slot).
+    """
+    if masks.ndim != 4 or masks.shape[1] != len(PROJECT_LESIONS):
+        raise ValueError(f"masks must be (B, {len(PROJECT_LESIONS)}, H, W) in the order {PROJECT_LESIONS}, "
+                         f"got shape {tuple(masks.shape)}")
+    if mask_valid is None:
+        mask_valid = masks.new_ones(masks.shape[:2])
+    if tuple(mask_valid.shape) != tuple(masks.shape[:2]):
+        raise ValueError(f"mask_valid must have shape {tuple(masks.shape[:2])}, got {tuple(mask_valid.shape)}")
+    groups = [[PROJECT_LESIONS.index(name) for name in LESION_SOURCES[lesion]] for lesion in LESIONS]
+    lesion_masks = torch.stack([masks[:, group].amax(dim=1) for group in groups], dim=1)
+    valid = torch.stack([mask_valid[:, group[0]] for group in groups], dim=1)
+    return lesion_masks, valid
 
 
 # --------------------------------------------------------------------------- low level: super-resolution
@@ -267,21 +300,22 @@ def gradcam_stage_maps(activations: Sequence[Tensor], score: Tensor) -> list[Ten
 
     Grad-CAM (Selvaraju et al. 2017): ``alpha_k = mean_ij d score / d A_k(i, j)``,
     ``map = ReLU(sum_k alpha_k A_k)``, then min-max normalised per image (left unscaled when its
-    maximum is 0), as in the authors' code. Gradients come from :func:`torch.autograd.grad` (the
-    parameters' ``.grad`` are untouched); the weights ``alpha`` are constants (no second-order
-    graph), the maps stay differentiable through the activations, which is how the attention terms
-    of the losses reach the grader and, through its input, the SR net. ``fundus_lib.explain``'s
-    Grad-CAM is the same definition; the notebook session should switch to it once it lands. In
-    train mode BatchNorm couples the images of a batch, so each map sees the summed score (as in the
-    authors' code).
+    maximum is 0), as in the authors' code. The raw maps come from the project's one Grad-CAM,
+    :func:`fundus_lib.explain.gradient_maps` with ``differentiable="activations"``: gradients from
+    :func:`torch.autograd.grad` (the parameters' ``.grad`` are untouched), the weights ``alpha`` are
+    constants (no second-order graph) and the maps stay differentiable through the activations,
+    which is how the attention terms of the losses reach the grader and, through its input, the SR
+    net. The normalisation is the authors' (no epsilon: a map is exactly 1 at its peak), not
+    :func:`fundus_lib.explain.normalise`. In train mode BatchNorm couples the images of a batch, so
+    each map sees the summed score (as in the authors' code).
     """
     if score.ndim != 1:
         raise ValueError(f"score must be one value per image (B,), got shape {tuple(score.shape)}")
-    gradients = torch.autograd.grad(score.sum(), list(activations), retain_graph=True)
+    raw = gradient_maps(score, {str(i): a for i, a in enumerate(activations)}, "gradcam",
+                        differentiable="activations")
     maps = []
-    for activation, gradient in zip(activations, gradients):
-        weights = gradient.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * activation).sum(dim=1, keepdim=True))
+    for cam in raw.values():
+        cam = F.relu(cam[:, None])
         cam = cam - cam.amin(dim=(2, 3), keepdim=True)
         peak = cam.amax(dim=(2, 3), keepdim=True)
         maps.append(torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), cam))
@@ -576,6 +610,18 @@ def _class_weights(class_weights: Sequence[float] | None) -> Tensor | None:
     if any(float(w) <= 0 for w in class_weights):
         raise ValueError(f"class_weights must be positive, got {tuple(class_weights)}")
     return torch.as_tensor([float(w) for w in class_weights])
+
+
+class SRLoss:
+    """The SR net's own terms, ``mse * MSE(SR, HR) + tv * TV(SR)`` (weights 1 and 1e-6): the SR-only
+    warm-up before stage 1. Reads ``outputs`` ``sr``; ``batch`` ``hr_image``. Returns ``(total, parts)``."""
+
+    def __init__(self, *, mse: float = 1.0, tv: float = 1e-6) -> None:
+        _check_weights(mse=mse, tv=tv)
+        self.mse, self.tv = mse, tv
+
+    def __call__(self, outputs: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        return _sr_fidelity(outputs, batch, self.mse, self.tv)
 
 
 class Stage1Loss:

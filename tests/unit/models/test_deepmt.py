@@ -443,3 +443,44 @@ def test_stage3_trains_sr_and_grader_and_feedback_switch_cuts_the_sr_net_off():
             assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(sr_grads, _grads(parts["upsampler"])))
     with pytest.raises(ValueError, match="stage must be one of"):
         configure_stage(model, 4)
+
+
+# --------------------------------------------------------------------------- the 8 project lesions -> DeepMT's 4
+
+def test_deepmt_masks_pool_the_haemorrhages_and_take_validity_from_the_first_source():
+    from fundus_lib.data.manifest import LESIONS as PROJECT
+    from fundus_lib.models.deepmt import LESION_SOURCES, deepmt_masks
+
+    assert tuple(LESION_SOURCES) == LESIONS
+    masks = torch.zeros(2, len(PROJECT), 4, 4)
+    for k, name in enumerate(PROJECT):
+        masks[:, k, k // 4, k % 4] = 1  # lesion k marks pixel k
+    valid = torch.ones(2, len(PROJECT))
+    valid[1, PROJECT.index("iHE")] = 0  # second image: haemorrhages not annotated
+    valid[1, PROJECT.index("vHE")] = 0
+    out, out_valid = deepmt_masks(masks, valid)
+    assert out.shape == (2, 4, 4, 4) and out_valid.shape == (2, 4)
+    for lesion, sources in LESION_SOURCES.items():
+        expected = masks[:, [PROJECT.index(s) for s in sources]].amax(dim=1)
+        assert torch.equal(out[:, LESIONS.index(lesion)], expected)
+    assert out[0, LESIONS.index("HE")].sum() == 3  # iHE + vHE + pHE pixels
+    assert out[:, :, 1, 2].sum() == 0 and out[:, :, 1, 3].sum() == 0  # NV, FiP: background
+    assert out_valid[0].tolist() == [1, 1, 1, 1] and out_valid[1].tolist() == [1, 0, 1, 1]
+    assert torch.equal(deepmt_masks(masks)[1], torch.ones(2, 4))
+    with pytest.raises(ValueError, match="masks must be"):
+        deepmt_masks(masks[:, :4])
+    with pytest.raises(ValueError, match="mask_valid must have shape"):
+        deepmt_masks(masks, valid[:, :4])
+
+
+def test_gradcam_stage_maps_are_the_projects_gradcam_with_the_authors_normalisation():
+    from fundus_lib.explain import gate, gradient_maps, normalise
+
+    torch.manual_seed(2)
+    grader = SPPGrader().eval()
+    stages = grader.features(torch.randn(2, 7, 64, 64))
+    acts = [stages[s] for s in GRADER_STAGES]
+    score = dr_score(grader.classify(stages["layer4"]))
+    raw = gradient_maps(score, dict(zip(GRADER_STAGES, acts)), "gradcam")
+    for mine, reference in zip(gradcam_stage_maps(acts, score), raw.values()):
+        assert torch.allclose(mine[:, 0], normalise(gate(reference)), atol=1e-5)  # explain adds 1e-7 to the range
