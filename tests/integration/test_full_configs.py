@@ -29,7 +29,7 @@ FULL_CONFIGS = sorted((ROOT / "configs").glob("*/full-*.yaml"))
 SMOKE = {"image_size": 64, "seg_image_size": 80, "epochs": 1, "seg_epochs": 1, "grade_epochs": 1,
          "batch_size": 8, "num_workers": 0, "repeats": 1, "folds": 2, "lambdas": [], "backbone": "resnet18",
          "weights": "none", "variants": ["16s"], "losses": ["dual"], "patience": 1, "interactive": False,
-         "round_epochs": 1}
+         "round_epochs": 1, "patch_epochs": 1}
 #: Photographs per stand-in tree (enough for a train / val / test split with several grades).
 STANDIN_IMAGES = 24
 

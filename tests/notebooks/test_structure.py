@@ -127,7 +127,9 @@ FULL_DATASETS = {
     "00_getting_started": {"aptos", "eyepacs", "idrid_grading"},
     "10_baseline_cnn_grading": {"aptos", "eyepacs", "idrid_grading"},
     "11_canet_cross_disease_attention": {"idrid_grading", "messidor"},
+    "12_clpi_patch_lesion_attention": {"messidor2", "messidor"},
     "13_lnet_sian_lesion_segmentation": {"retinal_lesions"},
+    "14_ellg_lesion_learning_and_generation": {"aptos", "eyepacs"},
 }
 
 
