@@ -13,29 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
-from typing import Callable
 
 import torch
 from torch import nn
 
 from fundus_lib.models import build_model
 from fundus_lib.models.canet import canet_loss
-from fundus_lib.utils import choose_device
-
-
-def _timed(step: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
-    """Seconds per call of ``step`` over ``iters`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iters
+from fundus_lib.utils import choose_device, seconds_per_call
 
 
 def measure(model: nn.Module, lam: float, device: torch.device, batch_size: int, size: int, iters: int,
@@ -61,9 +45,9 @@ def measure(model: nn.Module, lam: float, device: torch.device, batch_size: int,
             model(images)
 
     model.train()
-    train_seconds = _timed(train_step, device, iters, warmup)
+    train_seconds = seconds_per_call(train_step, device, iters, warmup)
     model.eval()
-    infer_seconds = _timed(infer_step, device, iters, warmup)
+    infer_seconds = seconds_per_call(infer_step, device, iters, warmup)
     return batch_size / train_seconds, 1000.0 * infer_seconds / batch_size
 
 

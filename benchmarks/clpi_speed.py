@@ -14,28 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
-from typing import Callable
 
 import torch
 from torch import nn
 
 from fundus_lib.models.clpi import CLPI, clpi_loss
-from fundus_lib.utils import choose_device
-
-
-def _timed(step: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
-    """Seconds per call of ``step`` over ``iters`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iters
+from fundus_lib.utils import choose_device, seconds_per_call
 
 
 def _autocast(fast: bool):
@@ -53,7 +37,7 @@ def inference_ms(model: nn.Module, device: torch.device, batch_size: int, size: 
         with torch.inference_mode(), _autocast(fast):
             model(images)
 
-    return 1000.0 * _timed(step, device, iters, warmup) / batch_size
+    return 1000.0 * seconds_per_call(step, device, iters, warmup) / batch_size
 
 
 def training_images_per_s(model: CLPI, device: torch.device, batch_size: int, size: int, iters: int, warmup: int,
@@ -72,7 +56,7 @@ def training_images_per_s(model: CLPI, device: torch.device, batch_size: int, si
         loss.backward()
         optimizer.step()
 
-    return batch_size / _timed(step, device, iters, warmup)
+    return batch_size / seconds_per_call(step, device, iters, warmup)
 
 
 def main() -> None:

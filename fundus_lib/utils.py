@@ -12,7 +12,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -109,6 +109,23 @@ class Timer:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - (self.start or time.perf_counter())
+
+
+def seconds_per_call(step: Callable[[], object], device: torch.device, iters: int, warmup: int = 1) -> float:
+    """Wall-clock seconds per call of ``step`` over ``iters`` calls after ``warmup`` untimed ones; on
+    CUDA the queue is drained before and after, so queued kernels are counted (benchmarks)."""
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"iters must be >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / iters
 
 
 @contextmanager

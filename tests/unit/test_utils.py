@@ -160,3 +160,15 @@ def test_a_worker_never_finalises_an_iterator_it_inherited(tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "finished" in result.stdout, result.stderr[-2000:]
     assert "can only test a child process" not in result.stderr and "can only join" not in result.stderr, result.stderr
+
+
+def test_seconds_per_call_counts_only_the_timed_calls():
+    import torch
+
+    from fundus_lib.utils import seconds_per_call
+
+    calls = []
+    seconds = seconds_per_call(lambda: calls.append(1), torch.device("cpu"), iters=5, warmup=2)
+    assert len(calls) == 7 and seconds >= 0
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        seconds_per_call(lambda: None, torch.device("cpu"), iters=0)
