@@ -61,6 +61,34 @@ def strip_papermill_metadata(path: Path) -> None:
     nbformat.write(notebook, path)
 
 
+def compact_images(path: Path) -> int:
+    """Re-encode the notebook's PNG outputs as 256-colour palette PNGs where that is smaller (figures
+    lose nothing visible; photographs keep their look at preview size), so committed notebooks stay
+    well under the repository's 2 MB limit. Returns the bytes saved."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    notebook = nbformat.read(path, as_version=4)
+    saved = 0
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "image/png" not in data:
+                continue
+            original = base64.b64decode(data["image/png"])
+            image = Image.open(io.BytesIO(original))
+            mode = "RGBA" if "A" in image.getbands() else "RGB"
+            buffer = io.BytesIO()
+            image.convert(mode).quantize(256, method=Image.Quantize.FASTOCTREE).save(buffer, "PNG", optimize=True)
+            if buffer.tell() < len(original):
+                saved += len(original) - buffer.tell()
+                data["image/png"] = base64.b64encode(buffer.getvalue()).decode("ascii")
+    nbformat.write(notebook, path)
+    return saved
+
+
 def _summarise_metrics(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -191,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.in_place:
             executed = out_dir / notebook.name
             strip_papermill_metadata(executed)
+            compact_images(executed)
             staged = notebook.with_suffix(".ipynb.tmp")
             shutil.copyfile(executed, staged)
             os.replace(staged, notebook)  # atomic: a committed notebook is never half-written

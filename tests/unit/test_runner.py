@@ -70,3 +70,36 @@ def test_state_run_time_writes_the_minutes_into_the_readme_row_and_the_opening(t
     other = tmp_path / "13_y.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# no run time")]), other)
     assert len(state_run_time(other, 1.0, tmp_path)) == 2  # neither place states it: both reported
+
+
+def test_compact_images_palette_encodes_png_outputs_only_when_smaller(tmp_path):
+    import base64
+    import io
+
+    import nbformat
+    import numpy as np
+    from PIL import Image
+
+    from fundus_lib.runner import compact_images
+
+    def png(array):
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, "PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    rng = np.random.default_rng(0)
+    few_colours = rng.integers(0, 256, (50, 3), dtype=np.uint8)[rng.integers(0, 50, (96, 128))]  # like a figure
+    flat = np.full((32, 32, 3), 200, dtype=np.uint8)  # already tiny as RGB
+    cell = nbformat.v4.new_code_cell("plot()", outputs=[
+        nbformat.v4.new_output("display_data", data={"image/png": png(few_colours), "text/plain": "<Figure>"}),
+        nbformat.v4.new_output("display_data", data={"image/png": png(flat)})])
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[cell]), path)
+    before = [o["data"]["image/png"] for o in nbformat.read(path, 4).cells[0].outputs]
+    assert compact_images(path) > 0
+    outputs = nbformat.read(path, 4).cells[0].outputs
+    first = Image.open(io.BytesIO(base64.b64decode(outputs[0]["data"]["image/png"])))
+    assert first.mode == "P" and first.size == (128, 96)
+    assert np.abs(np.asarray(first.convert("RGB"), dtype=int) - few_colours).mean() < 4  # close to the original
+    assert outputs[0]["data"]["text/plain"] == "<Figure>"
+    assert all(len(o["data"]["image/png"]) <= len(b) for o, b in zip(outputs, before))
