@@ -31,7 +31,7 @@ def test_gpu_presets_train_at_paper_like_scale_on_the_synthetic_benchmark(notebo
     assert gpu["dataset"] == "synthetic" and gpu["data_dir"] is None
     images = gpu["n_train"] + gpu["n_val"] + gpu["n_test"]
     assert images >= 1000 and images > 2 * (quick["n_train"] + quick["n_val"] + quick["n_test"])
-    assert 224 <= gpu["image_size"] <= 512
+    assert 224 <= gpu["image_size"] <= 1024  # 1024: CLPI's generator input, as in the paper
     if "backbone" in gpu:
         assert gpu["backbone"] in PAPER_BACKBONES
         assert gpu["weights"] == "none"  # defaults never need the network
