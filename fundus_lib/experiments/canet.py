@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from fundus_lib import metrics
 from fundus_lib.config import RunConfig
 from fundus_lib.data import pipeline
-from fundus_lib.experiments.common import majority_class, majority_scores, tidy
+from fundus_lib.data.manifest import read_image
+from fundus_lib.experiments.common import majority_class, majority_scores, run_seeds, tidy
 from fundus_lib.models import build_model
 from fundus_lib.models.backbones import Backbone, build_backbone
 from fundus_lib.models.canet import CANetLoss
@@ -344,8 +345,7 @@ def majority_frame(manifest: pd.DataFrame, seeds: Sequence[int]) -> pd.DataFrame
         values[f"{task}_acc"], values[f"{task}_kappa"] = result["accuracy"], result["kappa"]
     pair = lambda frame: frame["dr_grade"].to_numpy(dtype=int) * 3 + frame["dme_grade"].to_numpy(dtype=int)
     values["joint_acc"] = float(np.mean(pair(test) == majority_class(pair(train))))
-    return tidy({"config": MAJORITY, "seed": int(seed), "metric": metric, "value": value}
-                for seed in seeds for metric, value in values.items())
+    return run_seeds(lambda seed: values, config=MAJORITY, seeds=seeds)
 
 
 def ablation(cfg: RunConfig, rows: Mapping[str, Row], seeds: Sequence[int], *, manifest: pd.DataFrame | None = None,
@@ -417,13 +417,6 @@ def luckiest_draw(accuracy: float, n_test: int, candidates: int) -> float:
 
 
 # --------------------------------------------------------------------------- leaky folds (Messidor)
-
-def read_rgb(path: str) -> np.ndarray:
-    """An image file as RGB uint8."""
-    import cv2
-
-    return cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-
 
 def reencode(image: np.ndarray, scale: float = 0.8, quality: int = 75) -> np.ndarray:
     """A copy as re-saving makes one: resized and JPEG-compressed (other bytes, same photograph)."""
@@ -510,7 +503,7 @@ def planted_leaks(pool: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, list[np.
         members = rng.permutation(np.flatnonzero(grade == g))[:(grade == g).sum() // 2]
         patient[members[1::2]] = members[0::2][:len(members[1::2])]
     cast = rng.uniform(0.6, 1.3, size=(len(pool), 3))[patient]  # one colour cast per patient
-    eyes = [np.clip(read_rgb(path) * gain, 0, 255).astype(np.uint8) for path, gain in zip(pool["image_path"], cast)]
+    eyes = [np.clip(read_image(path) * gain, 0, 255).astype(np.uint8) for path, gain in zip(pool["image_path"], cast)]
     copied = np.sort(rng.choice(len(pool), size=len(pool) // 5, replace=False))
     ids = pool["image_id"].astype(str).tolist()
     frame = make_manifest(pd.DataFrame({
@@ -526,4 +519,4 @@ __all__ = ["TASKS", "JOINT", "MAJORITY", "AUTHORS_CANDIDATES", "Row", "final_nam
            "evaluation_splits", "evaluation_splits",
            "set_output_stride", "pretrain_trunk", "FeatureLoader", "trunk_features", "joint_correct", "scores",
            "Trained", "train_row", "Ablation", "majority_frame", "ablation", "selection_optimism", "luckiest_draw",
-           "read_rgb", "reencode", "descriptors", "nn_correct", "compare_folds", "planted_leaks"]
+           "reencode", "descriptors", "nn_correct", "compare_folds", "planted_leaks"]

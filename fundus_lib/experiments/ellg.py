@@ -52,7 +52,7 @@ from fundus_lib.data import pipeline
 from fundus_lib.data.datasets import FundusDataset
 from fundus_lib.data.manifest import make_manifest
 from fundus_lib.data.transforms import normalize
-from fundus_lib.experiments.common import majority_scores, tidy
+from fundus_lib.experiments.common import majority_scores, run_seeds, tidy
 from fundus_lib.models.o_o import OONet, apply_thresholds, fit_thresholds
 from fundus_lib.stats import paired_bootstrap
 from fundus_lib.train import fit, predict
@@ -252,7 +252,7 @@ def majority_frame(data: Data, seeds: Sequence[int]) -> pd.DataFrame:
     """The training split's majority grade scored on the test split, as rows for every seed."""
     scores = majority_scores(data.split("train")["dr_grade"].to_numpy(dtype=int),
                              data.split("test")["dr_grade"].to_numpy(dtype=int), N_GRADES)
-    return tidy({"config": MAJORITY, "seed": int(s), "metric": m, "value": v} for s in seeds for m, v in scores.items())
+    return run_seeds(lambda seed: scores, config=MAJORITY, seeds=seeds)
 
 
 def baseline(cfg: RunConfig, data: Data, seeds: Sequence[int]) -> Result:
