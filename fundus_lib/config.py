@@ -159,10 +159,24 @@ PARAMETERS: dict[str, Param] = {
     "grade_epochs": Param(int, "epochs of the grading (SiAN / classifier) stage", 1, 100_000),
     "seg_image_size": Param(int, "input side of the segmentation network, in pixels", 75, 4096),
     "variants": Param(list, "L-Net variants to compare", choices=("32s", "16s", "8s", "4s", "2s")),
+    "crop_size": Param(int, "side of the lesion-centred training crops and of the sliding test windows of "
+                            "L-Net, in pixels (<= seg_image_size)", 32, 4096),
+    "crops_per_epoch": Param(int, "lesion-centred training crops drawn per L-Net epoch (None: as many as "
+                                  "training images)", 1, 10_000_000, nullable=True),
     "losses": Param(list, "segmentation losses to compare", choices=("wce", "focal", "dice", "dual")),
+    "dice_per_lesion": Param(bool, "L-Net's Dice loss (Eq. 3) computed per lesion and averaged over lesions "
+                                   "(False: the paper's Dice pooled over all lesions)"),
     "paper_schedule": Param(bool, "train with the paper's optimiser, lr-drop rule and augmentation "
                                   "(else a short CPU schedule)"),
     "run_ablation": Param(bool, "train the attention / fusion ablation (Table 7 of L-Net/SiAN)"),
+    "lr_scale": Param(int, "super-resolution factor: the LR input is the HR image down-sampled by it "
+                           "(DeepMT-DR: 4, the authors' scripts: 8)", choices=(2, 4, 8)),
+    "seg_width": Param(int, "first width of DeepMT-DR's segmentation U-Net (paper: 64, i.e. 64-1024)", 2, 256),
+    "grade_lr": Param(float, "learning rate of the grading stages (DeepMT-DR stages 2 and 3; lr: stage 1)", 1e-8, 10.0),
+    "sr_epochs": Param(int, "epochs of super-resolution warm-up (MSE + TV alone) before DeepMT-DR's stage 1",
+                       0, 100_000),
+    "loss_weights": Param(dict, "overrides of DeepMT-DR's loss weights by name (see "
+                                "fundus_lib.experiments.deepmt.LOSS_WEIGHTS); {} = the spec's weights"),
     "grading_backbone": Param(str, "CLPI's grading backbone: densenet121 (paper), densenet161, or densenet_small "
                                    "(growth 16, 2-4-6-4 dense layers: CPU profiles)",
                               choices=("densenet121", "densenet161", "densenet_small")),
