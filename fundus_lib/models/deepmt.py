@@ -116,12 +116,37 @@ class ResidualBlock(nn.Module):
         return x + self.body(x)
 
 
+@torch.no_grad()
+def bilinear_upsampling_(conv: nn.ConvTranspose2d) -> nn.ConvTranspose2d:
+    """Set a square transposed convolution (``in_channels == out_channels``) to channel-wise bilinear
+    up-sampling by its stride, in place: weight ``w[c, c] = outer(f, f)`` with the triangle filter
+    ``f(i) = 1 - |i - centre| / factor``, other channel pairs 0, bias 0 (FCN's ``get_upsampling_weight``).
+    For kernel 3 and stride 2 the filter is (1/2, 1, 1/2): each new pixel is the mean of its two neighbours."""
+    k = conv.kernel_size[0]
+    if conv.in_channels != conv.out_channels or conv.groups != 1 or conv.kernel_size[1] != k:
+        raise ValueError(f"bilinear_upsampling_ needs a square kernel and in_channels == out_channels, got {conv}")
+    factor = (k + 1) // 2
+    centre = factor - 1 if k % 2 else factor - 0.5
+    f = 1 - (torch.arange(k, dtype=conv.weight.dtype) - centre).abs() / factor
+    conv.weight.zero_()
+    conv.weight[range(conv.in_channels), range(conv.in_channels)] = torch.outer(f, f)
+    if conv.bias is not None:
+        conv.bias.zero_()
+    return conv
+
+
 class SRNet(nn.Module):
     """SR net (spec "Networks", SR row): LR (B, 3, h, w) -> ``{"sr": (B, 3, scale*h, scale*w)}`` in [0, 1].
 
     Conv3x3 3->``width`` + LeakyReLU, ``n_blocks`` residual blocks, log2(``scale``) x
     [ConvTranspose 3x3, stride 2 (padding 1, output padding 1: exactly x2) + LeakyReLU],
     Conv3x3 ``width``->3 and ``(tanh + 1) / 2``. Paper setting: scale 4 (the authors' scripts: 8).
+
+    The transposed convolutions start as channel-wise bilinear up-sampling
+    (:func:`bilinear_upsampling_`, the FCN convention of Long et al. 2015); neither the paper nor the
+    authors' code fixes their initialisation (the code keeps PyTorch's random default). It is a
+    convention, not a measured gain: on the synthetic benchmark (LR 16 -> HR 64, 30 warm-up epochs)
+    both starts reached about 29.1 dB test PSNR; it makes the untrained up-sampling stages interpolate.
     """
 
     def __init__(self, scale: int = 4, width: int = 32, n_blocks: int = 5) -> None:
@@ -136,6 +161,8 @@ class SRNet(nn.Module):
                                                                          output_padding=1), nn.LeakyReLU())
                                         for _ in range(n_up)))
         self.tail = nn.Conv2d(width, 3, 3, padding=1)
+        for stage in self.upsample:
+            bilinear_upsampling_(stage[0])
 
     def forward(self, lr: Tensor) -> dict[str, Tensor]:
         x = self.upsample(self.blocks(self.head(lr)))

@@ -130,6 +130,7 @@ FULL_DATASETS = {
     "12_clpi_patch_lesion_attention": {"messidor2", "messidor"},
     "13_lnet_sian_lesion_segmentation": {"retinal_lesions"},
     "14_ellg_lesion_learning_and_generation": {"aptos", "eyepacs"},
+    "15_deepmt_dr_multitask_low_resolution": {"ddr_segmentation", "idrid_segmentation"},
 }
 
 

@@ -484,3 +484,20 @@ def test_gradcam_stage_maps_are_the_projects_gradcam_with_the_authors_normalisat
     raw = gradient_maps(score, dict(zip(GRADER_STAGES, acts)), "gradcam")
     for mine, reference in zip(gradcam_stage_maps(acts, score), raw.values()):
         assert torch.allclose(mine[:, 0], normalise(gate(reference)), atol=1e-5)  # explain adds 1e-7 to the range
+
+
+def test_transposed_convolutions_start_as_bilinear_upsampling():
+    from fundus_lib.models.deepmt import bilinear_upsampling_
+    conv = bilinear_upsampling_(torch.nn.ConvTranspose2d(2, 2, 3, stride=2, padding=1, output_padding=1))
+    x = torch.arange(16.0).reshape(1, 1, 4, 4).repeat(1, 2, 1, 1)
+    y = conv(x)
+    assert y.shape == (1, 2, 8, 8)
+    assert torch.allclose(y[0, 0, ::2, ::2], x[0, 0])                      # the input pixels are kept
+    assert torch.allclose(y[0, 0, 0, 1:-1:2], (x[0, 0, 0, :-1] + x[0, 0, 0, 1:]) / 2)  # new ones: the mean
+    assert torch.equal(y[0, 0], y[0, 1])                                   # channels stay apart
+    net = SRNet(4)
+    reference = bilinear_upsampling_(torch.nn.ConvTranspose2d(32, 32, 3, stride=2, padding=1, output_padding=1))
+    assert all(torch.equal(stage[0].weight, reference.weight) for stage in net.upsample)
+    assert all(not stage[0].bias.detach().any() for stage in net.upsample)
+    with pytest.raises(ValueError, match="in_channels == out_channels"):
+        bilinear_upsampling_(torch.nn.ConvTranspose2d(2, 3, 3, stride=2))
