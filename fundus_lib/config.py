@@ -141,6 +141,8 @@ PARAMETERS: dict[str, Param] = {
     "n_dr_classes": Param(int, "DR classes: 2 (referable) or 5 (ICDR grades)", choices=(2, 5)),
     "folds": Param(int, "cross-validation folds", 2, 20),
     "repeats": Param(int, "independent seeds per configuration (error bars)", 1, 50),
+    "seed_workers": Param(int, "processes that train a table's seeds side by side (on a CPU, one core each); "
+                               "1 = one seed after the other in the notebook's process", 1, 64),
     "lam": Param(float, "loss weight lambda: CANet Eq. 7 auxiliary heads; L-Net Eq. 2 segmentation term", 0.0, 1.0),
     "lambdas": Param(list, "lambda values of a sweep", 0.0, 1.0),
     "freeze_backbone": Param(bool, "train only the heads on feature maps of a frozen shared backbone, "
@@ -172,7 +174,10 @@ PARAMETERS: dict[str, Param] = {
     "lr_scale": Param(int, "super-resolution factor: the LR input is the HR image down-sampled by it "
                            "(DeepMT-DR: 4, the authors' scripts: 8)", choices=(2, 4, 8)),
     "seg_width": Param(int, "first width of DeepMT-DR's segmentation U-Net (paper: 64, i.e. 64-1024)", 2, 256),
-    "grade_lr": Param(float, "learning rate of the grading stages (DeepMT-DR stages 2 and 3; lr: stage 1)", 1e-8, 10.0),
+    "grade_lr": Param(float, "learning rate of the grading stages (DeepMT-DR stage 2; lr: stage 1, joint_lr: stage 3)", 1e-8, 10.0),
+    "joint_lr": Param(float, "DeepMT-DR: Adam learning rate of stage 3, the joint fine-tuning from the stage-2 model", 1e-8, 10.0),
+    "class_weighted": Param(bool, "DeepMT-DR's grading cross-entropy weighted by inverse class frequency "
+                                  "(the paper); False = unweighted"),
     "sr_epochs": Param(int, "epochs of super-resolution warm-up (MSE + TV alone) before DeepMT-DR's stage 1",
                        0, 100_000),
     "loss_weights": Param(dict, "overrides of DeepMT-DR's loss weights by name (see "
@@ -219,10 +224,10 @@ class RunConfig:
     project_root: Path
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self.values[name]
-        except KeyError:
-            raise AttributeError(f"parameter {name!r} is not declared by notebook {self.notebook!r}") from None
+        values = self.__dict__.get("values")  # not there yet while unpickling (a worker process): no recursion
+        if values is None or name not in values:
+            raise AttributeError(f"parameter {name!r} is not declared by notebook {self.__dict__.get('notebook')!r}")
+        return values[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.values)

@@ -579,7 +579,9 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: Iterable, val_loader: I
     ``scheduler`` may be a scheduler or a factory ``(optimizer, total_steps) -> scheduler``;
     ``scheduler_interval`` says whether it steps per batch or per epoch. ``ReduceLROnPlateau``
     steps per epoch on the monitored value. ``compile=True`` trains ``torch.compile(model)``.
-    ``callbacks`` are called as ``callback(epoch, history_row, model)`` after each epoch.
+    ``callbacks`` are called as ``callback(epoch, history_row, model)`` after each epoch, before its
+    checkpoint is written (so state a callback changes, e.g. a :class:`~fundus_lib.losses.DualLossSchedule` phase,
+    is resumed as it was).
     """
     if monitor is None and val_loader is not None:
         monitor = "val_loss"
@@ -659,6 +661,8 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: Iterable, val_loader: I
                                         "value": selection.best_value})
         rows.append(row)
         epoch_bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("train_loss", "val_loss", monitor)})
+        for callback in callbacks:  # before the checkpoint: what a callback changes (a loss phase) is resumed too
+            callback(epoch, row, core)
         if last_path is not None and rank == 0:
             save_checkpoint(last_path, {
                 "model": core.state_dict(), "optimizer": optimizer.state_dict(),
@@ -667,8 +671,6 @@ def fit(model: nn.Module, loss_fn: LossFn, train_loader: Iterable, val_loader: I
                 "history": rows, "epoch": epoch, "selection": selection.state_dict(),
                 "reference_loss": reference_loss, "rng": _rng_state(train_loader),
             })
-        for callback in callbacks:
-            callback(epoch, row, core)
         if selection.should_stop:
             stopped_early = True
             break

@@ -141,3 +141,13 @@ def test_data_label_names_the_data_of_the_run(data_project):
                    root=data_project)
     assert synthetic.data_label == "synthetic benchmark"
     assert real.data_label == "IDRiD (real)" and "synthetic" not in real.data_label
+
+
+def test_a_resolved_config_pickles_for_worker_processes():
+    import pickle
+
+    cfg = resolve({"profile": "smoke"}, notebook="13_lnet_sian_lesion_segmentation")
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again.as_dict() == cfg.as_dict() and again.notebook == cfg.notebook
+    with pytest.raises(AttributeError, match="not declared"):
+        again.no_such_parameter

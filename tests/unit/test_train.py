@@ -76,12 +76,54 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tmp_path):
         return model, history
 
     whole_model, whole_history = run(tmp_path / "whole", epochs=5)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "cut", epochs=5, stop_after=2)
+    with pytest.raises(KeyboardInterrupt):  # during epoch 3's callbacks: its checkpoint is never written
+        run(tmp_path / "cut", epochs=5, stop_after=3)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
     resumed_model, resumed_history = run(tmp_path / "cut", epochs=5, resume=True)
     assert list(resumed_history["epoch"]) == [1, 2, 3, 4, 5]
     np.testing.assert_array_equal(resumed_history["train_loss"], whole_history["train_loss"])
+    for name, tensor in whole_model.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+
+
+def test_resume_keeps_what_a_callback_changed_the_dual_loss_phase(tmp_path):
+    """DualLossSchedule switches in its callback after the epoch whose end drops the rate: a run resumed
+    from that epoch's checkpoint must train the next epoch with the dual loss, like an uninterrupted run."""
+    from fundus_lib.losses import DualLossSchedule
+
+    def segmenter():
+        return nn.Sequential(nn.Conv2d(3, 2, 3, padding=1))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = segmenter()
+
+        def forward(self, x):
+            masks = self.net(x)
+            return {"masks": masks, "presence": masks.amax(dim=(2, 3))}
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(16, 3, 8, 8, generator=generator)
+    masks = (images[:, :2] > 0.5).float()
+    batches = [{"image": images[i:i + 4], "masks": masks[i:i + 4], "lesion_present": masks[i:i + 4].amax(dim=(2, 3)),
+                "mask_valid": torch.ones(4, 2)} for i in range(0, 16, 4)]
+
+    def run(checkpoint_dir, epochs, resume=False):
+        torch.manual_seed(0)
+        model, schedule = Wrap(), DualLossSchedule()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        drop = lambda opt, steps: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.1)  # after epoch 2
+        fit(model, schedule, batches, epochs=epochs, optimizer=optimizer, scheduler=drop, device="cpu",
+            checkpoint_dir=checkpoint_dir, resume=resume, restore_best=False, callbacks=[schedule.watch(optimizer)],
+            progress=False)
+        return model, schedule
+
+    whole_model, whole_schedule = run(tmp_path / "whole", epochs=4)
+    run(tmp_path / "cut", epochs=2)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["loss"]["phase"] == "dual"
+    resumed_model, resumed_schedule = run(tmp_path / "cut", epochs=4, resume=True)
+    assert whole_schedule.phase == resumed_schedule.phase == "dual"
     for name, tensor in whole_model.state_dict().items():
         assert torch.equal(tensor, resumed_model.state_dict()[name]), name
 

@@ -94,3 +94,14 @@ def test_count_parameters():
 def test_seeds_follow_seed_and_repeats():
     cfg = resolve({"profile": "quick", "seed": 5, "repeats": 3}, notebook="11_canet_cross_disease_attention")
     assert common.seeds_for(cfg) == [5, 6, 7]
+
+
+def test_map_seeds_runs_side_by_side_in_seed_order_and_raises_a_workers_error():
+    from functools import partial
+
+    power = partial(pow, 2)  # builtins pickle: a spawned worker can run them
+    assert common.map_seeds(power, [3, 1, 2], workers=2) == [8, 2, 4] == common.map_seeds(power, [3, 1, 2])
+    with pytest.raises(ZeroDivisionError):
+        common.map_seeds(partial(divmod, 1), [1, 0], workers=2)
+    with pytest.raises(ValueError, match="seed_workers"):
+        common.map_seeds(power, [0], workers=0)
