@@ -13,6 +13,8 @@ validation split (:func:`choose_thresholds`) and applied unchanged to the test s
 * :func:`lnet_runs` trains and scores every (variant, loss) pair over the seeds; :func:`variants`
   (Table 3 / 5 rows) and :func:`losses` (Table 4 rows) are views of it. Trained models are kept in
   :class:`SegData` so a run shared by two tables trains once and the notebook can draw its maps.
+  The Dice and dual-loss runs are one run until the dual loss takes over: that prefix trains once.
+  Every table trains its seeds side by side in ``seed_workers`` processes (:func:`~fundus_lib.experiments.common.map_seeds`).
 * :func:`presence_classifier` is Table 5's segmentation-free classifier.
 * :func:`grading` trains DR graders (Table 6: plain backbone, Lesion-Concat, SiAN) and
   :func:`sian_attention` the attention / fusion ablation (Table 7), with the majority baseline.
@@ -23,9 +25,13 @@ test split), ``pixel_f1 · <lesion>`` and ``image_f1 · <lesion>`` per lesion; `
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -43,7 +49,7 @@ from fundus_lib.data.manifest import LESIONS
 from fundus_lib.data.patches import crop_patches
 from fundus_lib.data.pipeline import load_dataset, make_loaders
 from fundus_lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
-from fundus_lib.experiments.common import majority_scores, tidy
+from fundus_lib.experiments.common import map_seeds, majority_scores, seed_workers, tidy
 from fundus_lib.stats import paired_bootstrap
 from fundus_lib.losses import (DiceClsLoss, DiceSegLoss, DualLossSchedule, FocalLoss, WeightedBCELoss,
                                soft_dice_loss)
@@ -220,6 +226,8 @@ class SegData:
     loaders: dict[str, Any]
     device: torch.device
     runs: dict[tuple[str, str, int], SegRun] = field(default_factory=dict)
+    #: scratch space for the checkpoints of shared training prefixes; removed with this object
+    scratch: tempfile.TemporaryDirectory = field(default_factory=lambda: tempfile.TemporaryDirectory(prefix="lnet-"))
 
     @property
     def test_masks(self) -> np.ndarray:
@@ -284,6 +292,11 @@ def make_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def drop_epoch(epochs: int) -> int:
+    """The epoch after which the short schedule divides the rate by 10 (and the dual loss takes over)."""
+    return max(1, 2 * int(epochs) // 3)
+
+
 def make_scheduler(cfg: RunConfig, epochs: int, steps_per_epoch: int) -> tuple[Any, str]:
     """The schedule and the interval ``fit`` steps it at: the paper's ÷10 after 4 validations without
     gain (per epoch), or for short runs from scratch a linear warm-up over the first
@@ -293,7 +306,7 @@ def make_scheduler(cfg: RunConfig, epochs: int, steps_per_epoch: int) -> tuple[A
         return (lambda optimizer, steps: torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=0.1, patience=4)), "epoch"
     warmup = max(1, round(WARMUP_SHARE * epochs * steps_per_epoch))
-    drop = max(1, 2 * epochs // 3) * steps_per_epoch
+    drop = drop_epoch(epochs) * steps_per_epoch
 
     def factor(step: int) -> float:
         return min(1.0, (step + 1) / warmup) * (0.1 if step >= drop else 1.0)
@@ -302,18 +315,22 @@ def make_scheduler(cfg: RunConfig, epochs: int, steps_per_epoch: int) -> tuple[A
 
 
 def train(cfg: RunConfig, model: nn.Module, loss: Any, train_loader: Any, val_loader: Any, *, epochs: int,
-          metrics_fn: Callable, monitor: str, seed: int, desc: str, device: torch.device) -> pd.DataFrame:
-    """Train ``model`` with the profile's optimiser and schedule (``fit``); return the history
-    (``attrs["seconds"]`` = wall time). Model selection looks at the validation split only."""
+          metrics_fn: Callable, monitor: str, seed: int, desc: str, device: torch.device,
+          stop_after: int | None = None, checkpoint_dir: Path | None = None, resume: bool = False) -> pd.DataFrame:
+    """Train ``model`` with the profile's optimiser and schedule (``fit``) for ``epochs``; return the history
+    (``attrs["seconds"]`` = wall time of this call). Model selection looks at the validation split only.
+
+    ``stop_after`` ends the run early, after that epoch, on the schedule of ``epochs`` (a shared prefix,
+    written to ``checkpoint_dir``); ``resume`` continues the run checkpointed in ``checkpoint_dir``."""
     optimizer = make_optimizer(cfg, model)
     # the dual-loss schedule reads the initial rate now, before the warm-up lowers it
     callbacks = [loss.watch(optimizer)] if isinstance(loss, DualLossSchedule) else []
     scheduler, interval = make_scheduler(cfg, epochs, len(train_loader))
     started = time.perf_counter()
-    history = fit(model, loss, train_loader, val_loader, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
-                  scheduler_interval=interval, metrics_fn=metrics_fn, monitor=monitor,
+    history = fit(model, loss, train_loader, val_loader, epochs=stop_after or epochs, optimizer=optimizer,
+                  scheduler=scheduler, scheduler_interval=interval, metrics_fn=metrics_fn, monitor=monitor,
                   early_stopping_patience=cfg.patience, callbacks=callbacks, device=device,
-                  compile=cfg.compile, desc=desc, progress=False)
+                  compile=cfg.compile, desc=desc, progress=False, checkpoint_dir=checkpoint_dir, resume=resume)
     history.attrs["seconds"] = time.perf_counter() - started
     return history
 
@@ -385,28 +402,76 @@ def _binary(probs: np.ndarray, thresholds: pd.Series) -> np.ndarray:
     return probs >= thresholds.to_numpy(dtype=np.float32)[None, :, None, None]
 
 
+#: Losses whose runs of one variant and seed coincide until the dual loss takes over: the dual schedule
+#: trains with the Dice loss until its first rate drop.
+SHARED_PREFIX_LOSSES: tuple[str, ...] = ("dice", "dual")
+
+
+def _probs(data: SegData, model: nn.Module, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Whole-image lesion probabilities (N, m, H, W) of ``split`` and its targets."""
+    outputs, targets = predict(model, data.loaders[split], device=data.device, keys=("masks",), progress=False)
+    return expit(outputs["masks"]), targets
+
+
+def _train_from_shared_prefix(data: SegData, model: nn.Module, variant: str, loss: str, seed: int,
+                              **train_args: Any) -> pd.DataFrame:
+    """Train ``model`` with ``loss`` (``dice`` or ``dual``) by continuing the prefix both losses share.
+
+    The prefix (the epochs up to :func:`drop_epoch`) is trained once per variant and seed and
+    checkpointed; each loss resumes from a copy of that checkpoint (``fit``'s resume restores the
+    weights, optimiser, schedule, loss phase and every random state), which gives the same weights
+    as a separate run from scratch at the cost of the epochs after the drop. The returned history
+    covers every epoch; its ``attrs["seconds"]`` counts the prefix in the run that trained it.
+    """
+    cfg, scratch = data.cfg, Path(data.scratch.name)
+    prefix, branch = scratch / f"{variant}-seed{seed}-prefix", scratch / f"{variant}-{loss}-seed{seed}"
+    crops, prefix_seconds = data.crops(seed), 0.0
+    if not (prefix / "last.pt").is_file():
+        prefix_seconds = train(cfg, model, make_loss(cfg, "dual"), crops, data.loaders["val"], epochs=cfg.seg_epochs,
+                               stop_after=drop_epoch(cfg.seg_epochs), checkpoint_dir=prefix, seed=seed,
+                               **train_args).attrs["seconds"]
+    shutil.copytree(prefix, branch)
+    try:
+        history = train(cfg, model, make_loss(cfg, loss), crops, data.loaders["val"], epochs=cfg.seg_epochs,
+                        checkpoint_dir=branch, resume=True, seed=seed, **train_args)
+    finally:
+        shutil.rmtree(branch, ignore_errors=True)
+    history.attrs["seconds"] += prefix_seconds
+    return history
+
+
 def lnet_run(data: SegData, variant: str, loss: str, seed: int, keep_probs: bool = False) -> SegRun:
     """Train (once; later calls reuse it) and test L-Net-``variant`` with ``loss`` and ``seed``.
 
     After training, one probability threshold per lesion is chosen on the validation split
     (:func:`choose_thresholds`) and applied unchanged to the test split, for the pixel masks and for
     presence (a lesion is present where any pixel clears its threshold: the global max of Eq. 1).
+    With the short schedule (``paper_schedule`` off, whose drop epoch is known in advance) the Dice
+    and dual-loss runs share their prefix (:func:`_train_from_shared_prefix`). ``keep_probs`` keeps
+    the test probabilities (for figures), predicted again from the kept model if the run exists.
     """
     key = (variant, loss, int(seed))
-    if key in data.runs and (data.runs[key].probs is not None or not keep_probs):
-        return data.runs[key]
+    if key in data.runs:
+        run = data.runs[key]
+        if keep_probs and run.probs is None:
+            run.probs = _probs(data, run.model, "test")[0].astype(np.float16)
+        return run
     cfg = data.cfg
     seed_everything(int(seed))
     # L-Net is fully convolutional: validation and test read whole images (windows of data.eval_window,
     # overlapping by half, only where an image is larger) at the scale the crops were trained at
     model = SlidingWindow(build_lnet(cfg, variant), window=data.eval_window)
-    history = train(cfg, model, make_loss(cfg, loss), data.crops(seed), data.loaders["val"], epochs=cfg.seg_epochs,
-                    metrics_fn=lesion_scores, monitor="val_score", seed=seed, device=data.device,
-                    desc=f"L-Net-{variant} · {loss} · seed {seed}")
-    outputs, targets = predict(model, data.loaders["val"], device=data.device, keys=("masks",), progress=False)
-    thresholds = choose_thresholds(expit(outputs["masks"]), targets["masks"], targets["mask_valid"])
-    outputs, targets = predict(model, data.loaders["test"], device=data.device, keys=("masks",), progress=False)
-    probs = expit(outputs["masks"]).astype(np.float16)
+    train_args = dict(metrics_fn=lesion_scores, monitor="val_score", device=data.device,
+                      desc=f"L-Net-{variant} · {loss} · seed {seed}")
+    if loss in SHARED_PREFIX_LOSSES and not cfg.paper_schedule and drop_epoch(cfg.seg_epochs) < cfg.seg_epochs:
+        history = _train_from_shared_prefix(data, model, variant, loss, int(seed), **train_args)
+    else:
+        history = train(cfg, model, make_loss(cfg, loss), data.crops(seed), data.loaders["val"],
+                        epochs=cfg.seg_epochs, seed=seed, **train_args)
+    val_probs, val_targets = _probs(data, model, "val")
+    thresholds = choose_thresholds(val_probs, val_targets["masks"], val_targets["mask_valid"])
+    probs, targets = _probs(data, model, "test")
+    probs = probs.astype(np.float16)
     binary = _binary(probs, thresholds)
     pixel = metrics.pixel_f1(binary, targets["masks"], targets["mask_valid"])
     image = metrics.image_f1(binary.any(axis=(2, 3)), targets["lesion_present"], targets["mask_valid"])
@@ -446,9 +511,37 @@ def _seg_rows(run: SegRun, config: str, lesions: Sequence[str]) -> list[dict[str
     return [{"config": config, "seed": run.seed, "metric": metric, "value": value} for metric, value in values.items()]
 
 
+def _lnet_runs_of_seed(cfg: RunConfig, manifest: pd.DataFrame, pairs: Sequence[tuple[str, str]],
+                      seed: int) -> dict[tuple[str, str, int], SegRun]:
+    """Worker of :func:`train_lnets`: every (variant, loss) pair for one seed, on the splits loaded afresh."""
+    data = seg_data(cfg, manifest)
+    for variant, loss in pairs:
+        lnet_run(data, variant, loss, seed)
+    return data.runs
+
+
+def train_lnets(data: SegData, pairs: Sequence[tuple[str, str]], seeds: Sequence[int]) -> None:
+    """Train every (variant, loss) pair of ``pairs`` not yet in ``data.runs`` over ``seeds``, the seeds side
+    by side in ``seed_workers`` processes (:func:`~fundus_lib.experiments.common.map_seeds`; each seed's
+    pairs in order, so the Dice and dual runs of a seed share their prefix)."""
+    missing = [pair for pair in pairs if any((*pair, int(seed)) not in data.runs for seed in seeds)]
+    workers = seed_workers(data.cfg)
+    if not missing:
+        return
+    if workers <= 1 or len(seeds) <= 1:
+        for seed in seeds:
+            for variant, loss in missing:
+                lnet_run(data, variant, loss, seed)
+        return
+    for runs in map_seeds(partial(_lnet_runs_of_seed, data.cfg, data.manifest, tuple(missing)), seeds, workers):
+        data.runs.update({key: run for key, run in runs.items() if key not in data.runs})
+
+
 def lnet_runs(data: SegData, pairs: Sequence[tuple[str, str]], seeds: Sequence[int],
               config: Callable[[str, str], str]) -> pd.DataFrame:
-    """Train and score every (variant, loss) pair over ``seeds``; a tidy frame named by ``config(variant, loss)``."""
+    """Train (:func:`train_lnets`) and score every (variant, loss) pair over ``seeds``; a tidy frame named
+    by ``config(variant, loss)``."""
+    train_lnets(data, pairs, seeds)
     lesions = data.present_lesions
     rows = []
     for variant, loss in pairs:
@@ -520,24 +613,30 @@ class PresenceClassifier(nn.Module):
         return {"presence": self.fc(features.mean(dim=(2, 3)))}
 
 
+def _presence_of_seed(grades: GradeData | None, cfg: RunConfig, lesions: Sequence[str], seed: int) -> list[dict]:
+    """One seed of :func:`presence_classifier` (``grades`` None: a worker process loads them afresh)."""
+    grades = grade_data(cfg) if grades is None else grades
+    seed_everything(int(seed))
+    grades.loaders["train"].generator.manual_seed(int(seed))
+    model = PresenceClassifier(cfg.backbone, _weights(cfg))
+    train(cfg, model, DiceClsLoss(), grades.loaders["train"], grades.loaders["val"], epochs=cfg.seg_epochs,
+          metrics_fn=presence_scores, monitor="val_image_f1", seed=seed, device=grades.device,
+          desc=f"{cfg.backbone} lesion classifier · seed {seed}")
+    outputs, targets = predict(model, grades.loaders["test"], device=grades.device, progress=False)
+    image = metrics.image_f1(expit(outputs["presence"]), targets["lesion_present"], targets["mask_valid"])
+    config = f"{cfg.backbone} classifier"
+    return ([{"config": config, "seed": int(seed), "metric": "image_f1", "value": float(image[list(lesions)].mean())}]
+            + [{"config": config, "seed": int(seed), "metric": f"image_f1 · {l}", "value": float(image[l])}
+               for l in lesions])
+
+
 def presence_classifier(grades: GradeData, seeds: Sequence[int], lesions: Sequence[str]) -> pd.DataFrame:
     """Table 5's segmentation-free row: the backbone trained on image-level lesion labels with the
-    image-level Dice loss (Eq. 4), scored by image F1 on ``lesions``."""
-    cfg, rows = grades.cfg, []
-    for seed in seeds:
-        seed_everything(int(seed))
-        grades.loaders["train"].generator.manual_seed(int(seed))
-        model = PresenceClassifier(cfg.backbone, _weights(cfg))
-        train(cfg, model, DiceClsLoss(), grades.loaders["train"], grades.loaders["val"], epochs=cfg.seg_epochs,
-              metrics_fn=presence_scores, monitor="val_image_f1", seed=seed, device=grades.device,
-              desc=f"{cfg.backbone} lesion classifier · seed {seed}")
-        outputs, targets = predict(model, grades.loaders["test"], device=grades.device, progress=False)
-        image = metrics.image_f1(expit(outputs["presence"]), targets["lesion_present"], targets["mask_valid"])
-        rows += [{"config": f"{cfg.backbone} classifier", "seed": int(seed), "metric": "image_f1",
-                  "value": float(image[list(lesions)].mean())}]
-        rows += [{"config": f"{cfg.backbone} classifier", "seed": int(seed), "metric": f"image_f1 · {l}",
-                  "value": float(image[l])} for l in lesions]
-    return tidy(rows)
+    image-level Dice loss (Eq. 4), scored by image F1 on ``lesions``; seeds side by side in
+    ``seed_workers`` processes."""
+    workers = seed_workers(grades.cfg)
+    fn = partial(_presence_of_seed, grades if workers <= 1 else None, grades.cfg, tuple(lesions))
+    return tidy([row for rows in map_seeds(fn, seeds, workers) for row in rows])
 
 
 def build_grader(cfg: RunConfig, name: str, lnet: LNet | None) -> nn.Module:
@@ -562,34 +661,48 @@ def grade_scores(outputs: Mapping[str, np.ndarray], targets: Mapping[str, np.nda
             "accuracy": metrics.accuracy(targets["dr"], predicted)}
 
 
+def _grading_of_seed(grades: GradeData | None, cfg: RunConfig, side: nn.Module | None, rows: Sequence[str],
+                     first_seed: int, seed: int) -> tuple[list[dict], dict[tuple[str, int], dict[str, np.ndarray]]]:
+    """One seed of :func:`grading`: its tidy rows and its kept test outputs (``grades`` None: a worker
+    process loads them afresh)."""
+    grades = grade_data(cfg) if grades is None else grades
+    frame, kept = [], {}
+    for name in rows:
+        seed_everything(int(seed))
+        grades.loaders["train"].generator.manual_seed(int(seed))
+        model = build_grader(cfg, name, side)
+        history = train(cfg, model, _grade_loss, grades.loaders["train"], grades.loaders["val"],
+                        epochs=cfg.grade_epochs, metrics_fn=grade_scores, monitor="val_kappa", seed=seed,
+                        device=grades.device, desc=f"{name} · seed {seed}")
+        outputs, targets = predict(model, grades.loaders["test"], device=grades.device, keys=("dr", "masks"),
+                                   progress=False)
+        scores = grade_scores(outputs, targets)
+        frame += [{"config": name, "seed": int(seed), "metric": k, "value": v} for k, v in scores.items()]
+        frame.append({"config": name, "seed": int(seed), "metric": "seconds", "value": history.attrs["seconds"]})
+        kept[(name, int(seed))] = {"dr": outputs["dr"],
+                                   **({"masks": outputs["masks"].astype(np.float16)} if "masks" in outputs
+                                      and int(seed) == first_seed else {})}
+    baseline = majority_scores(grades.train_grades, grades.test_grades, N_GRADES)
+    frame += [{"config": "majority", "seed": int(seed), "metric": k, "value": v} for k, v in baseline.items()]
+    return frame, kept
+
+
 def grading(grades: GradeData, lnet: LNet | None, rows: Sequence[str], seeds: Sequence[int],
             keep: dict[tuple[str, int], dict[str, np.ndarray]] | None = None) -> pd.DataFrame:
     """Table 6 / 7 rows: every grader of ``rows`` (names of :data:`GRADERS`) trained with cross-entropy
-    over ``seeds`` (the same data order and initialisation per seed: paired), scored on the test split,
-    plus the training split's majority class as ``majority`` (the trivial baseline). ``keep`` receives
-    each run's test outputs (``dr`` logits, ``masks`` for the first seed) for figures."""
+    over ``seeds`` (the same data order and initialisation per seed: paired; seeds side by side in
+    ``seed_workers`` processes), scored on the test split, plus the training split's majority class
+    as ``majority`` (the trivial baseline). ``keep`` receives each run's test outputs (``dr`` logits,
+    ``masks`` for the first seed) for figures."""
     _check_names(rows, tuple(GRADERS), "rows")
-    cfg, frame = grades.cfg, []
+    workers = seed_workers(grades.cfg)
     side = lnet.net if isinstance(lnet, SlidingWindow) else lnet
-    for seed in seeds:
-        for name in rows:
-            seed_everything(int(seed))
-            grades.loaders["train"].generator.manual_seed(int(seed))
-            model = build_grader(cfg, name, side)
-            history = train(cfg, model, _grade_loss, grades.loaders["train"], grades.loaders["val"],
-                            epochs=cfg.grade_epochs, metrics_fn=grade_scores, monitor="val_kappa", seed=seed,
-                            device=grades.device, desc=f"{name} · seed {seed}")
-            outputs, targets = predict(model, grades.loaders["test"], device=grades.device, keys=("dr", "masks"),
-                                       progress=False)
-            scores = grade_scores(outputs, targets)
-            frame += [{"config": name, "seed": int(seed), "metric": k, "value": v} for k, v in scores.items()]
-            frame.append({"config": name, "seed": int(seed), "metric": "seconds", "value": history.attrs["seconds"]})
-            if keep is not None:
-                keep[(name, int(seed))] = {"dr": outputs["dr"],
-                                           **({"masks": outputs["masks"].astype(np.float16)} if "masks" in outputs
-                                              and int(seed) == int(seeds[0]) else {})}
-        baseline = majority_scores(grades.train_grades, grades.test_grades, N_GRADES)
-        frame += [{"config": "majority", "seed": int(seed), "metric": k, "value": v} for k, v in baseline.items()]
+    fn = partial(_grading_of_seed, grades if workers <= 1 else None, grades.cfg, side, tuple(rows), int(seeds[0]))
+    frame = []
+    for rows_of_seed, kept in map_seeds(fn, seeds, workers):
+        frame += rows_of_seed
+        if keep is not None:
+            keep.update(kept)
     return tidy(frame)
 
 
@@ -611,8 +724,9 @@ def sian_attention(grades: GradeData, lnet: LNet | None, seeds: Sequence[int],
 
 
 __all__ = ["LOSSES", "LOSS_LABELS", "GRADERS", "TABLE7_ROWS", "THRESHOLDS", "EVAL_WINDOW", "LesionCropLoader",
-           "SlidingWindow", "SegRun", "SegData", "seg_data", "build_lnet", "make_optimizer", "make_scheduler", "train",
+           "SlidingWindow", "SegRun", "SegData", "seg_data", "build_lnet", "make_optimizer", "drop_epoch", "make_scheduler",
+           "train", "SHARED_PREFIX_LOSSES",
            "lesion_scores", "presence_scores", "PerLesionDiceLoss", "make_loss", "choose_thresholds", "lnet_run",
-           "paired_pixel_f1", "lnet_runs", "variants", "losses", "trivial_segmentation", "GradeData", "grade_data",
+           "paired_pixel_f1", "train_lnets", "lnet_runs", "variants", "losses", "trivial_segmentation", "GradeData", "grade_data",
            "PresenceClassifier", "presence_classifier", "build_grader", "grade_scores", "grading", "paired_kappa",
            "sian_attention"]

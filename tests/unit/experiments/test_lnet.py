@@ -1,4 +1,6 @@
 """L-Net / SiAN experiments at smoke size: crops, sliding windows, the table functions and their frames."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,39 @@ def test_variants_and_losses_share_runs_and_return_tidy_frames(data):
         lnet.losses(data, ["hinge"], seeds)
     with pytest.raises(ValueError, match="variants"):
         lnet.variants(data, [], seeds)
+
+
+def test_dice_and_dual_runs_continue_one_shared_prefix_to_the_weights_of_separate_runs():
+    cfg = smoke(seg_epochs=2)  # the rate drops (and the dual loss takes over) after epoch 1
+    data = lnet.seg_data(cfg)
+    dice = lnet.lnet_run(data, "16s", "dice", 0)
+    dual = lnet.lnet_run(data, "16s", "dual", 0)
+    assert [p.name for p in Path(data.scratch.name).iterdir()] == ["16s-seed0-prefix"]  # trained once
+    assert dice.history["epoch"].tolist() == dual.history["epoch"].tolist() == [1, 2]
+    assert dice.history["train_loss"].iloc[0] == dual.history["train_loss"].iloc[0]
+    lnet.seed_everything(0)
+    alone = lnet.SlidingWindow(lnet.build_lnet(cfg, "16s"), window=data.eval_window)
+    history = lnet.train(cfg, alone, lnet.make_loss(cfg, "dice"), data.crops(0), data.loaders["val"],
+                         epochs=cfg.seg_epochs, metrics_fn=lnet.lesion_scores, monitor="val_score", seed=0,
+                         desc="Dice from scratch", device=data.device)
+    np.testing.assert_allclose(history["train_loss"], dice.history["train_loss"], rtol=1e-6)
+    for name, tensor in alone.state_dict().items():
+        torch.testing.assert_close(tensor, dice.model.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert dice.probs is None
+    again = lnet.lnet_run(data, "16s", "dice", 0, keep_probs=True)  # predicted from the kept model, not retrained
+    assert again is dice and again.probs.shape == data.test_masks.shape and len(data.runs) == 2
+
+
+def test_seed_workers_train_the_seeds_side_by_side_to_the_same_results():
+    sequential, parallel = (smoke(repeats=2, seed_workers=w) for w in (1, 2))
+    seeds = [0, 1]
+    frames = [lnet.variants(lnet.seg_data(cfg), ["16s"], seeds) for cfg in (sequential, parallel)]
+    np.testing.assert_allclose(frames[0]["value"], frames[1]["value"], atol=1e-3)  # one worker thread vs several
+    kept = [{}, {}]
+    frames = [lnet.grading(lnet.grade_data(cfg), None, ["plain"], seeds, keep=k) for cfg, k in zip((sequential, parallel), kept)]
+    np.testing.assert_allclose(frames[0].query("metric != 'seconds'")["value"],
+                               frames[1].query("metric != 'seconds'")["value"], atol=1e-3)
+    assert set(kept[1]) == {("plain", 0), ("plain", 1)}
 
 
 def test_grading_and_ablation_beside_the_majority_baseline(data):
