@@ -14,8 +14,9 @@ table reads the same networks):
   a row has the attention link (:attr:`RowSpec.stage2_attention`);
 * **stage 3** (:class:`~fundus_lib.models.deepmt.Stage3Loss`): the joint training with the
   task-aware feedback, starting from the SR grader of stage 2, for DeepMT-DR and each link removed.
-  Stages 2 and 3 train at ``cfg.grade_lr`` (the SR net at :data:`SR_LR_SHARE` of it); each grader's
-  last FC layer starts at zero (see :func:`_stage2_model`). Every stage follows :func:`one_cycle`.
+  Stage 2 trains at ``cfg.grade_lr``, stage 3 at ``cfg.joint_lr`` (the SR net at :data:`SR_LR_SHARE` of each), their grading
+  cross-entropy weighted by class or not (:func:`grade_class_weights`); each grader's last FC layer
+  starts at zero (see :func:`_stage2_model`). Every stage follows :func:`one_cycle`.
 
 The grading rows (:data:`GRADING_ROWS`) and how each is built are :data:`ROW_SPECS`. The 8 project
 lesions are mapped to DeepMT-DR's 4 by :func:`~fundus_lib.models.deepmt.deepmt_masks` (HE pools every
@@ -26,6 +27,7 @@ scripts). Model selection looks at the validation split only; the test split is 
 from __future__ import annotations
 
 import copy
+from functools import partial
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from fundus_lib import explain, metrics
 from fundus_lib.config import RunConfig
 from fundus_lib.data.pipeline import available_tasks, make_loaders
-from fundus_lib.experiments.common import majority_scores, tidy
+from fundus_lib.experiments.common import map_seeds, majority_scores, seed_workers, tidy
 from fundus_lib.models.deepmt import (LESIONS, DeepMT, SRLoss, Stage1Loss, Stage2Loss, Stage3Loss, configure_stage,
                                       deepmt_masks)
 from fundus_lib.stats import paired_bootstrap
@@ -151,6 +153,17 @@ def class_weights(labels: Sequence[int], n_classes: int = N_GRADES) -> list[floa
     return [float(len(labels) / (n_classes * c)) if c else 1.0 for c in counts]
 
 
+def grade_class_weights(cfg: RunConfig, labels: Sequence[int]) -> list[float] | None:
+    """The grading cross-entropy's class weights (stages 2 and 3): :func:`class_weights` of the training
+    grades when ``cfg.class_weighted`` (the paper's weighted CE), else None (unweighted CE).
+
+    Why the quick profile turns it off (validation split, seed 0, from-scratch graders of a few hundred
+    steps): weighted by the inverse frequency (up to about 7 for the rarest grade) the graders' training
+    loss climbed and they settled on a rare grade (accuracy below the majority class's), unweighted they
+    learned; the numbers are in ``configs/15_deepmt_dr_multitask_low_resolution/quick.yaml``."""
+    return class_weights(labels) if cfg.class_weighted else None
+
+
 @dataclass
 class SeedRun:
     """Everything trained for one seed: the stage-1 model, one model per grading row, the histories
@@ -200,9 +213,10 @@ def one_cycle(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_sc
 
 def _fit(cfg: RunConfig, model: torch.nn.Module, loss, loaders: dict, epochs: int, input_key: str,
          desc: str, stage: int) -> pd.DataFrame:
-    """Stage 1 at ``cfg.lr``, stages 2 and 3 at ``cfg.grade_lr``; the SR net at :data:`SR_LR_SHARE` of either;
-    :func:`one_cycle` schedule; the weights of the epoch with the lowest validation loss are kept."""
-    opt = optimizer(model, cfg.lr if stage == 1 else cfg.grade_lr, SR_LR_SHARE)
+    """Stage 1 at ``cfg.lr``, stage 2 at ``cfg.grade_lr``, stage 3 (fine-tuning the stage-2 model) at
+    ``cfg.joint_lr``; the SR net at :data:`SR_LR_SHARE` of each; :func:`one_cycle` schedule; the weights of
+    the epoch with the lowest validation loss are kept."""
+    opt = optimizer(model, {1: cfg.lr, 2: cfg.grade_lr, 3: cfg.joint_lr}[stage], SR_LR_SHARE)
     return fit(model, OnDeepMTLesions(loss), loaders["train"], loaders.get("val"), epochs=epochs, optimizer=opt,
                scheduler=one_cycle, scheduler_interval="batch", input_key=input_key, device=cfg.device,
                compile=cfg.compile, monitor="val_loss", desc=desc)
@@ -269,7 +283,7 @@ def train_seed(cfg: RunConfig, manifest: pd.DataFrame, seed: int, rows: Sequence
     if "dr" not in run.loaders["train"].dataset.tasks:
         raise ValueError(f"{cfg.data_label} has no DR grades: the grading rows {todo} cannot be trained")
     weights = loss_weights(cfg)
-    cw = class_weights(run.loaders["train"].dataset.manifest["dr_grade"].to_numpy())
+    cw = grade_class_weights(cfg, run.loaders["train"].dataset.manifest["dr_grade"].to_numpy())
     for row in todo:
         spec = ROW_SPECS[row]
         if spec.stage2 not in run.stage2:
@@ -295,6 +309,30 @@ def train_seed(cfg: RunConfig, manifest: pd.DataFrame, seed: int, rows: Sequence
                                                      f"stage 3 {row} seed {seed}", 3)
         run.rows[row] = model
     return run
+
+
+def _trained_seed(cfg: RunConfig, manifest: pd.DataFrame, rows: Sequence[str], seed: int) -> SeedRun:
+    """Worker of :func:`train_seeds`: one seed's stages, returned without its loaders (rebuilt where it lands)."""
+    run = train_seed(cfg, manifest, seed, rows)
+    run.loaders = {}
+    return run
+
+
+def train_seeds(cfg: RunConfig, manifest: pd.DataFrame, seeds: Sequence[int], rows: Sequence[str] = (),
+                keep: MutableMapping[int, SeedRun] | None = None) -> MutableMapping[int, SeedRun]:
+    """:func:`train_seed` for every seed not yet in ``keep`` (``rows`` for each), the seeds side by side in
+    ``seed_workers`` processes (:func:`~fundus_lib.experiments.common.map_seeds`); returns ``keep``, which
+    the table functions below read. Seeds already in ``keep`` get their missing rows here, in order."""
+    store = {} if keep is None else keep
+    todo = [int(seed) for seed in seeds if int(seed) not in store]
+    workers = seed_workers(cfg)
+    if workers > 1 and len(todo) > 1:
+        for seed, run in zip(todo, map_seeds(partial(_trained_seed, cfg, manifest, tuple(rows)), todo, workers)):
+            run.loaders = pair_loaders(cfg, manifest, seed)
+            store[seed] = run
+    for seed in seeds:
+        train_seed(cfg, manifest, int(seed), rows, keep=store)
+    return store
 
 
 #: Test predictions of the stage-1 networks: the whole stage-1 model on LR (SR + segmentation), and its
@@ -516,7 +554,7 @@ def lesion_contrast(hr: torch.Tensor, lr: torch.Tensor, masks: torch.Tensor, sca
 
 __all__ = ["LR", "BICUBIC", "SR_TWO_STAGE", "DEEPMT", "NO_LESION", "NO_ATTENTION", "NO_FEEDBACK", "HR", "MAJORITY",
            "RowSpec", "ROW_SPECS", "GRADING_ROWS", "LOSS_WEIGHTS", "loss_weights", "check_sizes", "pair_loaders",
-           "OnDeepMTLesions", "class_weights", "SR_LR_SHARE", "optimizer", "one_cycle", "SeedRun", "train_stage1", "train_seed",
+           "OnDeepMTLesions", "class_weights", "grade_class_weights", "SR_LR_SHARE", "optimizer", "one_cycle", "SeedRun", "train_stage1", "train_seed", "train_seeds",
            "STAGE1_PREDICTIONS", "test_predictions",
            "sr_image_scores", "super_resolution", "bicubic", "grade_predictions", "kappa", "bootstrap_table", "lesion_targets", "segmentation", "prevalence", "grading",
            "attention_scores", "lesion_contrast"]

@@ -53,6 +53,9 @@ def test_sizes_weights_and_class_weights_are_checked():
     with pytest.raises(ValueError, match=">= 0"):
         X.loss_weights(tiny(loss_weights={"tv": -1}))
     assert X.class_weights([0, 0, 0, 2], 3) == pytest.approx([4 / 9, 1.0, 4 / 3])
+    labels = [0, 0, 0, 2, 2, 4]
+    assert X.grade_class_weights(tiny(class_weighted=True), labels) == X.class_weights(labels)
+    assert X.grade_class_weights(tiny(class_weighted=False), labels) is None
 
 
 def test_the_sr_net_learns_at_a_share_of_the_rate_and_frozen_parts_not_at_all():
@@ -174,3 +177,13 @@ def test_a_dataset_without_grades_still_gives_the_sr_table_but_refuses_grading_r
     assert set(X.super_resolution(cfg, manifest, [0], keep=keep)["config"]) == {"bicubic", "SR net (stage 1)"}
     with pytest.raises(ValueError, match="no DR grades"):
         X.grading(cfg, manifest, [0], rows=[X.LR], keep=keep)
+
+
+def test_seed_workers_train_the_seeds_side_by_side_to_the_same_predictions():
+    sequential, parallel = (tiny(repeats=2, seed_workers=w) for w in (1, 2))
+    manifest = load_dataset(sequential)
+    runs = [X.train_seeds(cfg, manifest, [0, 1], rows=[X.BICUBIC]) for cfg in (sequential, parallel)]
+    for seed in (0, 1):
+        assert runs[1][seed].loaders  # rebuilt where the run lands: the tables read the test split from it
+        first, second = (X.test_predictions(cfg, run[seed], X.BICUBIC)[0]["dr"] for cfg, run in zip((sequential, parallel), runs))
+        np.testing.assert_allclose(first, second, atol=1e-3)  # one worker thread vs several
