@@ -1,4 +1,6 @@
 """DeepMT-DR's experiments at smoke size: LR/HR pairs, the stages, the rows, every table, the bad inputs."""
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,6 +11,7 @@ from fundus_lib.config import resolve
 from fundus_lib.data.pipeline import load_dataset
 from fundus_lib.experiments import deepmt as X
 from fundus_lib.models.deepmt import LESIONS
+from fundus_lib.utils import torch_threads
 
 NOTEBOOK = "15_deepmt_dr_multitask_low_resolution"
 #: Smaller than the smoke profile: one seed, tiny U-Net, the fewest images that give every split.
@@ -182,7 +185,8 @@ def test_a_dataset_without_grades_still_gives_the_sr_table_but_refuses_grading_r
 def test_seed_workers_train_the_seeds_side_by_side_to_the_same_predictions():
     sequential, parallel = (tiny(repeats=2, seed_workers=w) for w in (1, 2))
     manifest = load_dataset(sequential)
-    runs = [X.train_seeds(cfg, manifest, [0, 1], rows=[X.BICUBIC]) for cfg in (sequential, parallel)]
+    with torch_threads(max(1, (os.cpu_count() or 1) // 2)):  # the workers' thread count
+        runs = [X.train_seeds(cfg, manifest, [0, 1], rows=[X.BICUBIC]) for cfg in (sequential, parallel)]
     for seed in (0, 1):
         assert runs[1][seed].loaders  # rebuilt where the run lands: the tables read the test split from it
         first, second = (X.test_predictions(cfg, run[seed], X.BICUBIC)[0]["dr"] for cfg, run in zip((sequential, parallel), runs))

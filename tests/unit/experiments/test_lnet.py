@@ -1,4 +1,5 @@
 """L-Net / SiAN experiments at smoke size: crops, sliding windows, the table functions and their frames."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ from torch import nn
 from fundus_lib.config import resolve
 from fundus_lib.data.manifest import LESIONS
 from fundus_lib.experiments import lnet
+from fundus_lib.utils import torch_threads
 
 NOTEBOOK = "13_lnet_sian_lesion_segmentation"
 
@@ -104,10 +106,12 @@ def test_dice_and_dual_runs_continue_one_shared_prefix_to_the_weights_of_separat
 def test_seed_workers_train_the_seeds_side_by_side_to_the_same_results():
     sequential, parallel = (smoke(repeats=2, seed_workers=w) for w in (1, 2))
     seeds = [0, 1]
-    frames = [lnet.variants(lnet.seg_data(cfg), ["16s"], seeds) for cfg in (sequential, parallel)]
-    np.testing.assert_allclose(frames[0]["value"], frames[1]["value"], atol=1e-3)  # one worker thread vs several
-    kept = [{}, {}]
-    frames = [lnet.grading(lnet.grade_data(cfg), None, ["plain"], seeds, keep=k) for cfg, k in zip((sequential, parallel), kept)]
+    with torch_threads(max(1, (os.cpu_count() or 1) // 2)):  # the workers' thread count
+        frames = [lnet.variants(lnet.seg_data(cfg), ["16s"], seeds) for cfg in (sequential, parallel)]
+        np.testing.assert_allclose(frames[0]["value"], frames[1]["value"], atol=1e-3)
+        kept = [{}, {}]
+        frames = [lnet.grading(lnet.grade_data(cfg), None, ["plain"], seeds, keep=k)
+                  for cfg, k in zip((sequential, parallel), kept)]
     np.testing.assert_allclose(frames[0].query("metric != 'seconds'")["value"],
                                frames[1].query("metric != 'seconds'")["value"], atol=1e-3)
     assert set(kept[1]) == {("plain", 0), ("plain", 1)}
