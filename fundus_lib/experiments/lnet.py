@@ -525,9 +525,9 @@ def train_lnets(data: SegData, pairs: Sequence[tuple[str, str]], seeds: Sequence
     by side in ``seed_workers`` processes (:func:`~fundus_lib.experiments.common.map_seeds`; each seed's
     pairs in order, so the Dice and dual runs of a seed share their prefix)."""
     missing = [pair for pair in pairs if any((*pair, int(seed)) not in data.runs for seed in seeds)]
-    workers = seed_workers(data.cfg)
     if not missing:
         return
+    workers = seed_workers(data.cfg)
     if workers <= 1 or len(seeds) <= 1:
         for seed in seeds:
             for variant, loss in missing:
@@ -613,6 +613,13 @@ class PresenceClassifier(nn.Module):
         return {"presence": self.fc(features.mean(dim=(2, 3)))}
 
 
+def _grade_seeds(grades: GradeData, fn: Callable[..., Any], seeds: Sequence[int], *args: Any) -> list[Any]:
+    """``fn(grades, cfg, *args, seed)`` for every seed, side by side in ``seed_workers`` processes; a worker
+    gets ``grades`` None and loads its own (:func:`grade_data`), in this process they are shared."""
+    workers = seed_workers(grades.cfg)
+    return map_seeds(partial(fn, grades if workers <= 1 else None, grades.cfg, *args), seeds, workers)
+
+
 def _presence_of_seed(grades: GradeData | None, cfg: RunConfig, lesions: Sequence[str], seed: int) -> list[dict]:
     """One seed of :func:`presence_classifier` (``grades`` None: a worker process loads them afresh)."""
     grades = grade_data(cfg) if grades is None else grades
@@ -634,9 +641,7 @@ def presence_classifier(grades: GradeData, seeds: Sequence[int], lesions: Sequen
     """Table 5's segmentation-free row: the backbone trained on image-level lesion labels with the
     image-level Dice loss (Eq. 4), scored by image F1 on ``lesions``; seeds side by side in
     ``seed_workers`` processes."""
-    workers = seed_workers(grades.cfg)
-    fn = partial(_presence_of_seed, grades if workers <= 1 else None, grades.cfg, tuple(lesions))
-    return tidy([row for rows in map_seeds(fn, seeds, workers) for row in rows])
+    return tidy([row for rows in _grade_seeds(grades, _presence_of_seed, seeds, tuple(lesions)) for row in rows])
 
 
 def build_grader(cfg: RunConfig, name: str, lnet: LNet | None) -> nn.Module:
@@ -695,11 +700,9 @@ def grading(grades: GradeData, lnet: LNet | None, rows: Sequence[str], seeds: Se
     as ``majority`` (the trivial baseline). ``keep`` receives each run's test outputs (``dr`` logits,
     ``masks`` for the first seed) for figures."""
     _check_names(rows, tuple(GRADERS), "rows")
-    workers = seed_workers(grades.cfg)
     side = lnet.net if isinstance(lnet, SlidingWindow) else lnet
-    fn = partial(_grading_of_seed, grades if workers <= 1 else None, grades.cfg, side, tuple(rows), int(seeds[0]))
     frame = []
-    for rows_of_seed, kept in map_seeds(fn, seeds, workers):
+    for rows_of_seed, kept in _grade_seeds(grades, _grading_of_seed, seeds, side, tuple(rows), int(seeds[0])):
         frame += rows_of_seed
         if keep is not None:
             keep.update(kept)
