@@ -8,6 +8,9 @@ table reads the same networks):
   U-Net on LR -> SR, after ``sr_epochs`` of SR alone (MSE + TV; a warm-up of this project, not of
   the authors' code, so that a CPU schedule of a few epochs gets an SR net better than bicubic),
   at ``cfg.lr`` (the SR net at :data:`SR_LR_SHARE` of it);
+* **the LR segmenter** (:func:`train_lr_segmenter`): the same U-Net trained on the LR image itself, for
+  the row that grades LR directly (the stage-1 segmenter, trained on SR images, does not transfer to
+  the 4x smaller image);
 * **stage 2** (:class:`~fundus_lib.models.deepmt.Stage2Loss`, segmentation frozen): a grader for each
   *input* the table compares — LR directly, bicubic, SR, HR — on that input (the authors train this
   stage on HR only: here each grader learns on what it is tested on), and the attention fusion where
@@ -40,14 +43,17 @@ from fundus_lib import explain, metrics
 from fundus_lib.config import RunConfig
 from fundus_lib.data.pipeline import available_tasks, make_loaders
 from fundus_lib.experiments.common import map_seeds, majority_scores, seed_workers, tidy
-from fundus_lib.models.deepmt import (LESIONS, DeepMT, SRLoss, Stage1Loss, Stage2Loss, Stage3Loss, configure_stage,
-                                      deepmt_masks)
+from fundus_lib.models.deepmt import (LESIONS, DeepMT, SegmentationLoss, SRLoss, Stage1Loss, Stage2Loss, Stage3Loss,
+                                      configure_stage, deepmt_masks)
 from fundus_lib.stats import paired_bootstrap
 from fundus_lib.train import fit, predict
 
 LR, BICUBIC, SR_TWO_STAGE, DEEPMT = "LR directly", "bicubic", "SR, stages 1-2", "DeepMT-DR"
 NO_LESION, NO_ATTENTION, NO_FEEDBACK, HR = "no lesion input", "no attention link", "no task feedback", "HR (upper bound)"
 MAJORITY = "majority class"
+#: Rows of the segmentation table that read the LR image: with the stage-1 segmenter (trained on SR images)
+#: and with the LR segmenter (trained on LR images).
+LR_INPUT, LR_SEGMENTER = "LR input", "LR input, U-Net trained on LR"
 N_GRADES = 5
 
 
@@ -67,6 +73,12 @@ class RowSpec:
         """Rows with the same key share one stage-2 grader (the attention and feedback switches do not
         change stage 2: its attention term trains the fusion module only)."""
         return self.upsampler, self.input_key, self.lesion_input
+
+    @property
+    def reads_lr(self) -> bool:
+        """Whether the row grades the LR image itself (no up-sampler): its lesion maps then come from the
+        segmenter trained on LR images (:func:`train_lr_segmenter`)."""
+        return self.upsampler == "identity" and self.input_key == "lr_image"
 
     @property
     def stage2_attention(self) -> bool:
@@ -134,15 +146,20 @@ def pair_loaders(cfg: RunConfig, manifest: pd.DataFrame, seed: int) -> dict:
 
 
 class OnDeepMTLesions:
-    """A DeepMT loss read on a batch whose 8 project lesion masks are mapped to DeepMT-DR's 4."""
+    """A DeepMT loss read on a batch whose 8 project lesion masks are mapped to DeepMT-DR's 4 and, with
+    ``pool`` > 1, max-pooled by ``pool`` (the masks of the LR image: a pixel of it is a lesion pixel when
+    any of the HR pixels it averages is one, so a microaneurysm smaller than an LR pixel is not lost)."""
 
-    def __init__(self, loss) -> None:
+    def __init__(self, loss, pool: int = 1) -> None:
         self.loss = loss
+        self.pool = pool
 
     def __call__(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]):
         batch = dict(batch)
         if "masks" in batch:
             batch["masks"], batch["mask_valid"] = deepmt_masks(batch["masks"], batch.get("mask_valid"))
+            if self.pool > 1:
+                batch["masks"] = F.max_pool2d(batch["masks"], self.pool)
         return self.loss(outputs, batch)
 
 
@@ -166,11 +183,13 @@ def grade_class_weights(cfg: RunConfig, labels: Sequence[int]) -> list[float] | 
 
 @dataclass
 class SeedRun:
-    """Everything trained for one seed: the stage-1 model, one model per grading row, the histories
-    (``"stage 1"``, ``"stage 2 · <row>"``, ``"stage 3 · <row>"``) and test predictions per name."""
+    """Everything trained for one seed: the stage-1 model, the LR segmenter (:func:`train_lr_segmenter`),
+    one model per grading row, the histories (``"stage 1"``, ``"stage 1 · LR segmenter"``,
+    ``"stage 2 · <row>"``, ``"stage 3 · <row>"``) and test predictions per name."""
 
     loaders: dict
     stage1: DeepMT
+    lr_stage1: DeepMT
     rows: dict[str, DeepMT] = field(default_factory=dict)
     stage2: dict[tuple[str, str, bool], DeepMT] = field(default_factory=dict)
     histories: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -211,13 +230,23 @@ def one_cycle(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_sc
                                                total_steps=total_steps, pct_start=0.2)
 
 
+def _reseed_batches(loaders: dict, network: str) -> None:
+    """Seed the training loader's generator (batch order and augmentation) from ``network``, a name unique
+    to the network and seed (e.g. "stage 2 bicubic seed 0"): each network then sees the same batches
+    whichever networks were trained before it, so adding, removing or reordering a grading row changes
+    no other row's numbers (one shared generator would hand each network the state its predecessors left)."""
+    loaders["train"].generator.manual_seed(int(np.random.SeedSequence(list(network.encode())).generate_state(1)[0]))
+
+
 def _fit(cfg: RunConfig, model: torch.nn.Module, loss, loaders: dict, epochs: int, input_key: str,
-         desc: str, stage: int) -> pd.DataFrame:
+         desc: str, stage: int, mask_pool: int = 1) -> pd.DataFrame:
     """Stage 1 at ``cfg.lr``, stage 2 at ``cfg.grade_lr``, stage 3 (fine-tuning the stage-2 model) at
     ``cfg.joint_lr``; the SR net at :data:`SR_LR_SHARE` of each; :func:`one_cycle` schedule; the weights of
-    the epoch with the lowest validation loss are kept."""
+    the epoch with the lowest validation loss are kept; lesion masks max-pooled by ``mask_pool``; batches
+    drawn by :func:`_reseed_batches` from ``desc``."""
+    _reseed_batches(loaders, desc)
     opt = optimizer(model, {1: cfg.lr, 2: cfg.grade_lr, 3: cfg.joint_lr}[stage], SR_LR_SHARE)
-    return fit(model, OnDeepMTLesions(loss), loaders["train"], loaders.get("val"), epochs=epochs, optimizer=opt,
+    return fit(model, OnDeepMTLesions(loss, mask_pool), loaders["train"], loaders.get("val"), epochs=epochs, optimizer=opt,
                scheduler=one_cycle, scheduler_interval="batch", input_key=input_key, device=cfg.device,
                compile=cfg.compile, monitor="val_loss", desc=desc)
 
@@ -230,6 +259,7 @@ def train_stage1(cfg: RunConfig, loaders: dict, seed: int) -> tuple[DeepMT, dict
     histories = {}
     if cfg.sr_epochs:
         opt = torch.optim.Adam(model.upsampler.parameters(), lr=cfg.lr)
+        _reseed_batches(loaders, f"SR warm-up seed {seed}")
         histories["SR warm-up"] = fit(model.upsampler, SRLoss(tv=weights["tv"]), loaders["train"], loaders.get("val"),
                                       epochs=cfg.sr_epochs, optimizer=opt, scheduler=one_cycle,
                                       scheduler_interval="batch", input_key="lr_image", device=cfg.device,
@@ -240,8 +270,29 @@ def train_stage1(cfg: RunConfig, loaders: dict, seed: int) -> tuple[DeepMT, dict
     return model, histories
 
 
+def train_lr_segmenter(cfg: RunConfig, loaders: dict, seed: int) -> tuple[DeepMT, pd.DataFrame]:
+    """The segmenter of the "LR directly" row: DeepMT-DR's U-Net trained on the LR image itself, with
+    stage 1's segmentation loss (Dice + focal) against the lesion masks max-pooled to LR size
+    (:class:`OnDeepMTLesions`), for ``seg_epochs`` at ``cfg.lr``. Returned inside a :class:`DeepMT` without
+    an up-sampler, whose ``hierarchy`` reads the LR image.
+
+    Why: each other grading row reads lesion maps of a segmenter trained at the size of its input (SR,
+    bicubic and HR are all HR-size images). The stage-1 segmenter, trained on SR images, finds almost
+    nothing on the 4x smaller LR image (the "LR input" row of the segmentation table: pixel AUPR near the
+    prevalence), and a grader fed those maps stayed at the majority class in the quick profile. This
+    project's choice for a fair LR baseline; the seed material does not say how the authors graded LR.
+    At a fraction of stage 1's cost (no SR net, and the U-Net runs on lr_scale^2 times fewer pixels)."""
+    torch.manual_seed(seed)
+    model = DeepMT(cfg.lr_scale, N_GRADES, upsampler="identity", seg_width=cfg.seg_width)
+    configure_stage(model, 1)
+    history = _fit(cfg, model, SegmentationLoss(), loaders, cfg.seg_epochs, "lr_image",
+                   f"LR segmenter seed {seed}", 1, mask_pool=cfg.lr_scale)
+    return model, history
+
+
 def _stage2_model(cfg: RunConfig, run: SeedRun, spec: RowSpec, seed: int) -> DeepMT:
-    """A fresh grader (seeded) on the stage-1 SR net and segmenter.
+    """A fresh grader (seeded) on the stage-1 SR net and segmenter (the LR segmenter for the row that
+    reads the LR image itself, :attr:`RowSpec.reads_lr`).
 
     The grader's last FC layer starts at zero, so the untrained grader predicts uniform probabilities
     (the authors keep PyTorch's default initialisation): the spatial pyramid feeds 10752 max-pooled,
@@ -255,7 +306,8 @@ def _stage2_model(cfg: RunConfig, run: SeedRun, spec: RowSpec, seed: int) -> Dee
     last = model.hierarchy.grader.head[-1]
     torch.nn.init.zeros_(last.weight)
     torch.nn.init.zeros_(last.bias)
-    model.hierarchy.segmenter.load_state_dict(run.stage1.hierarchy.segmenter.state_dict())
+    segmenter = run.lr_stage1 if spec.reads_lr else run.stage1
+    model.hierarchy.segmenter.load_state_dict(segmenter.hierarchy.segmenter.state_dict())
     if spec.upsampler == "sr":
         model.upsampler.load_state_dict(run.stage1.upsampler.state_dict())
     return model
@@ -275,7 +327,8 @@ def train_seed(cfg: RunConfig, manifest: pd.DataFrame, seed: int, rows: Sequence
     if seed not in store:
         loaders = pair_loaders(cfg, manifest, seed)
         stage1, histories = train_stage1(cfg, loaders, seed)
-        store[seed] = SeedRun(loaders, stage1, histories=histories)
+        lr_stage1, histories["stage 1 · LR segmenter"] = train_lr_segmenter(cfg, loaders, seed)
+        store[seed] = SeedRun(loaders, stage1, lr_stage1, histories=histories)
     run = store[seed]
     todo = [row for row in rows if row not in run.rows]
     if not todo:
@@ -335,16 +388,17 @@ def train_seeds(cfg: RunConfig, manifest: pd.DataFrame, seeds: Sequence[int], ro
     return store
 
 
-#: Test predictions of the stage-1 networks: the whole stage-1 model on LR (SR + segmentation), and its
-#: segmenter alone on the HR image or on the LR image itself.
-STAGE1_PREDICTIONS: dict[str, str] = {"stage 1": "lr_image", "stage 1 · HR": "hr_image", "stage 1 · LR": "lr_image"}
+#: Test predictions of the stage-1 networks: the whole stage-1 model on LR (SR + segmentation), its
+#: segmenter alone on the HR image or on the LR image itself, and the LR segmenter on the LR image.
+STAGE1_PREDICTIONS: dict[str, str] = {"stage 1": "lr_image", "stage 1 · HR": "hr_image", "stage 1 · LR": "lr_image",
+                                      "stage 1 · LR segmenter": "lr_image"}
 
 
 def test_predictions(cfg: RunConfig, run: SeedRun, name: str) -> tuple[dict, dict]:
     """(outputs, targets) on the test split of a grading row or of :data:`STAGE1_PREDICTIONS` (cached)."""
     if name not in run.predictions:
         if name in STAGE1_PREDICTIONS:
-            model = run.stage1 if name == "stage 1" else run.stage1.hierarchy
+            model = {"stage 1": run.stage1, "stage 1 · LR segmenter": run.lr_stage1.hierarchy}.get(name, run.stage1.hierarchy)
             key = STAGE1_PREDICTIONS[name]
         elif name in run.rows:
             model, key = run.rows[name], ROW_SPECS[name].input_key
@@ -407,16 +461,18 @@ def lesion_targets(targets: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.nd
 
 def segmentation(cfg: RunConfig, manifest: pd.DataFrame, seeds: Sequence[int],
                  keep: MutableMapping[int, SeedRun] | None = None) -> pd.DataFrame:
-    """Pixel AUPR per lesion (metric ``aupr_<lesion>``) of the stage-1 segmenter reading the LR image
-    itself (its maps up-sampled bilinearly to HR size), the SR image and the HR image, beside the
-    lesion's **pixel prevalence** on the test split (the AUPR of an uninformative score). A lesion
+    """Pixel AUPR per lesion (metric ``aupr_<lesion>``) against the HR-size masks: of the stage-1 segmenter
+    reading the LR image itself, the SR image and the HR image, and of the LR segmenter
+    (:func:`train_lr_segmenter`) reading the LR image (LR maps up-sampled bilinearly to HR size), beside
+    the lesion's **pixel prevalence** on the test split (the AUPR of an uninformative score). A lesion
     without a pixel in the test split is left out (AUPR is undefined)."""
     store = {} if keep is None else keep
     rows = []
     for seed in seeds:
         run = train_seed(cfg, manifest, seed, keep=store)
         masks, valid = lesion_targets(test_predictions(cfg, run, "stage 1")[1])
-        inputs = {"LR input": "stage 1 · LR", "SR input": "stage 1", "HR input": "stage 1 · HR"}
+        inputs = {LR_INPUT: "stage 1 · LR", LR_SEGMENTER: "stage 1 · LR segmenter", "SR input": "stage 1",
+                  "HR input": "stage 1 · HR"}
         for config, name in inputs.items():
             lesions = torch.as_tensor(test_predictions(cfg, run, name)[0]["lesions"])
             if lesions.shape[-2:] != masks.shape[-2:]:
@@ -553,8 +609,9 @@ def lesion_contrast(hr: torch.Tensor, lr: torch.Tensor, masks: torch.Tensor, sca
 
 
 __all__ = ["LR", "BICUBIC", "SR_TWO_STAGE", "DEEPMT", "NO_LESION", "NO_ATTENTION", "NO_FEEDBACK", "HR", "MAJORITY",
+           "LR_INPUT", "LR_SEGMENTER",
            "RowSpec", "ROW_SPECS", "GRADING_ROWS", "LOSS_WEIGHTS", "loss_weights", "check_sizes", "pair_loaders",
-           "OnDeepMTLesions", "class_weights", "grade_class_weights", "SR_LR_SHARE", "optimizer", "one_cycle", "SeedRun", "train_stage1", "train_seed", "train_seeds",
+           "OnDeepMTLesions", "class_weights", "grade_class_weights", "SR_LR_SHARE", "optimizer", "one_cycle", "SeedRun", "train_stage1", "train_lr_segmenter", "train_seed", "train_seeds",
            "STAGE1_PREDICTIONS", "test_predictions",
            "sr_image_scores", "super_resolution", "bicubic", "grade_predictions", "kappa", "bootstrap_table", "lesion_targets", "segmentation", "prevalence", "grading",
            "attention_scores", "lesion_contrast"]

@@ -24,7 +24,7 @@ def test_sr_beats_bicubic_on_every_seed(results, metric):
     assert all(s > b for s, b in zip(sr, bicubic)), f"{metric}: SR {sr} vs bicubic {bicubic}"
 
 
-@pytest.mark.parametrize("config", ["SR input", "HR input"])
+@pytest.mark.parametrize("config", ["SR input", "HR input", "LR input, U-Net trained on LR"])
 def test_segmentation_aupr_beats_the_pixel_prevalence_for_every_lesion_and_seed(results, config):
     aupr, prevalence = results["seg_aupr"][config], results["seg_aupr"]["pixel prevalence"]
     assert set(aupr) == set(prevalence) == {"aupr_MA", "aupr_HE", "aupr_EX", "aupr_SE"}
@@ -33,16 +33,7 @@ def test_segmentation_aupr_beats_the_pixel_prevalence_for_every_lesion_and_seed(
             f"{config} {lesion}: AUPR {values} vs prevalence {prevalence[lesion]}"
 
 
-#: Rows that do NOT yet clear the bar in the quick profile (issue 12 stays open on it): the grader of the
-#: 16-px LR image itself (a ResNet-18 from scratch, whose stem leaves it a 4x4 map) stayed at the majority
-#: class in every recipe tried on the validation split. Strict: once a row passes, this test fails
-#: until the row is taken off this list.
-NOT_YET_LEARNING = {"LR directly"}
-
-
-@pytest.mark.parametrize("row", [
-    pytest.param(row, marks=pytest.mark.xfail(strict=True, reason="issue 12: the 16-px LR grader stays at the majority class"))
-    if row in NOT_YET_LEARNING else row for row in GRADING_ROWS])
+@pytest.mark.parametrize("row", GRADING_ROWS)
 def test_every_grader_beats_the_majority_class_on_every_seed(results, row):
     grading = results["grading"]
     majority = grading["majority class"]

@@ -61,6 +61,45 @@ def test_sizes_weights_and_class_weights_are_checked():
     assert X.grade_class_weights(tiny(class_weighted=False), labels) is None
 
 
+def test_lesion_masks_are_max_pooled_to_the_lr_size_for_the_lr_segmenter():
+    seen = {}
+
+    def loss(outputs, batch):
+        seen.update(batch)
+        return torch.zeros(()), {}
+
+    masks = torch.zeros(1, 8, 8, 8)
+    masks[0, 0, 5, 6] = 1.0  # one MA pixel
+    X.OnDeepMTLesions(loss, pool=4)({}, {"masks": masks, "mask_valid": torch.ones(1, 8)})
+    expected = torch.zeros(1, 4, 2, 2)
+    expected[0, LESIONS.index("MA"), 1, 1] = 1.0  # the LR pixel whose 4 x 4 HR block holds it
+    assert torch.equal(seen["masks"], expected) and seen["mask_valid"].shape == (1, 4)
+
+
+def test_only_the_lr_directly_row_reads_the_lr_segmenter(trained):
+    cfg, _, keep, _ = trained
+    run = keep[0]
+    assert [row for row, spec in X.ROW_SPECS.items() if spec.reads_lr] == [X.LR]
+    lr_segmenter = run.lr_stage1.hierarchy.segmenter.state_dict()
+    stage1_segmenter = run.stage1.hierarchy.segmenter.state_dict()
+    for row in (X.LR, X.BICUBIC):
+        built = X._stage2_model(cfg, run, X.ROW_SPECS[row], 0).hierarchy.segmenter.state_dict()
+        reference = lr_segmenter if row == X.LR else stage1_segmenter
+        assert all(torch.equal(built[k], reference[k]) for k in reference), row
+    assert not all(torch.equal(lr_segmenter[k], stage1_segmenter[k]) for k in lr_segmenter)
+    outputs, _ = X.test_predictions(cfg, run, "stage 1 · LR segmenter")
+    assert outputs["lesions"].shape[-1] == cfg.image_size // cfg.lr_scale
+
+
+def test_a_row_trains_the_same_alone_or_after_other_rows():
+    cfg = tiny()
+    manifest = load_dataset(cfg)
+    alone = X.train_seed(cfg, manifest, 0, [X.BICUBIC])
+    after = X.train_seed(cfg, manifest, 0, [X.LR, X.HR, X.BICUBIC])
+    for a, b in zip(alone.rows[X.BICUBIC].parameters(), after.rows[X.BICUBIC].parameters()):
+        assert torch.equal(a, b)
+
+
 def test_the_sr_net_learns_at_a_share_of_the_rate_and_frozen_parts_not_at_all():
     from fundus_lib.models.deepmt import DeepMT, configure_stage
 
@@ -94,7 +133,7 @@ def test_rows_share_stage_2_and_train_stage_3_apart(trained):
     untrained = X._stage2_model(cfg, run, X.ROW_SPECS[X.DEEPMT], 0).hierarchy.grader.head[-1]
     assert not untrained.weight.any() and not untrained.bias.any()  # the grader starts from uniform probabilities
     assert run.rows[X.DEEPMT].hierarchy.attention and not run.rows[X.NO_ATTENTION].hierarchy.attention
-    assert {"SR warm-up", "stage 1", f"stage 2 · {X.DEEPMT}", f"stage 3 · {X.DEEPMT}",
+    assert {"SR warm-up", "stage 1", "stage 1 · LR segmenter", f"stage 2 · {X.DEEPMT}", f"stage 3 · {X.DEEPMT}",
             f"stage 3 · {X.NO_ATTENTION}"} == set(run.histories)
     # stage 3 trains the SR net and the grader only: the segmenter keeps its stage-1 weights
     for a, b in zip(run.rows[X.DEEPMT].hierarchy.segmenter.parameters(), run.stage1.hierarchy.segmenter.parameters()):
@@ -112,7 +151,7 @@ def test_tables_are_tidy_and_scored_against_their_baselines(trained):
     assert set(sr["config"]) == {"bicubic", "SR net (stage 1)", "SR net (DeepMT-DR, stage 3)"}
     assert set(sr["metric"]) == {"psnr", "ssim"} and np.isfinite(sr["value"]).all()
     seg = X.segmentation(cfg, manifest, [0], keep=keep)
-    assert set(seg["config"]) == {"LR input", "SR input", "HR input", "pixel prevalence"}
+    assert set(seg["config"]) == {X.LR_INPUT, X.LR_SEGMENTER, "SR input", "HR input", "pixel prevalence"}
     assert set(seg["metric"]) <= {f"aupr_{lesion}" for lesion in LESIONS}
     assert seg["value"].between(0, 1).all()
     attention = X.attention_scores(cfg, manifest, [0], rows=[X.DEEPMT], keep=keep)
