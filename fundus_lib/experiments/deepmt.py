@@ -189,7 +189,7 @@ class SeedRun:
 
     loaders: dict
     stage1: DeepMT
-    lr_stage1: DeepMT
+    lr_segmenter: DeepMT
     rows: dict[str, DeepMT] = field(default_factory=dict)
     stage2: dict[tuple[str, str, bool], DeepMT] = field(default_factory=dict)
     histories: dict[str, pd.DataFrame] = field(default_factory=dict)
@@ -246,8 +246,8 @@ def _fit(cfg: RunConfig, model: torch.nn.Module, loss, loaders: dict, epochs: in
     drawn by :func:`_reseed_batches` from ``desc``."""
     _reseed_batches(loaders, desc)
     opt = optimizer(model, {1: cfg.lr, 2: cfg.grade_lr, 3: cfg.joint_lr}[stage], SR_LR_SHARE)
-    return fit(model, OnDeepMTLesions(loss, mask_pool), loaders["train"], loaders.get("val"), epochs=epochs, optimizer=opt,
-               scheduler=one_cycle, scheduler_interval="batch", input_key=input_key, device=cfg.device,
+    return fit(model, OnDeepMTLesions(loss, mask_pool), loaders["train"], loaders.get("val"), epochs=epochs,
+               optimizer=opt, scheduler=one_cycle, scheduler_interval="batch", input_key=input_key, device=cfg.device,
                compile=cfg.compile, monitor="val_loss", desc=desc)
 
 
@@ -306,7 +306,7 @@ def _stage2_model(cfg: RunConfig, run: SeedRun, spec: RowSpec, seed: int) -> Dee
     last = model.hierarchy.grader.head[-1]
     torch.nn.init.zeros_(last.weight)
     torch.nn.init.zeros_(last.bias)
-    segmenter = run.lr_stage1 if spec.reads_lr else run.stage1
+    segmenter = run.lr_segmenter if spec.reads_lr else run.stage1
     model.hierarchy.segmenter.load_state_dict(segmenter.hierarchy.segmenter.state_dict())
     if spec.upsampler == "sr":
         model.upsampler.load_state_dict(run.stage1.upsampler.state_dict())
@@ -327,8 +327,8 @@ def train_seed(cfg: RunConfig, manifest: pd.DataFrame, seed: int, rows: Sequence
     if seed not in store:
         loaders = pair_loaders(cfg, manifest, seed)
         stage1, histories = train_stage1(cfg, loaders, seed)
-        lr_stage1, histories["stage 1 · LR segmenter"] = train_lr_segmenter(cfg, loaders, seed)
-        store[seed] = SeedRun(loaders, stage1, lr_stage1, histories=histories)
+        lr_segmenter, histories["stage 1 · LR segmenter"] = train_lr_segmenter(cfg, loaders, seed)
+        store[seed] = SeedRun(loaders, stage1, lr_segmenter, histories=histories)
     run = store[seed]
     todo = [row for row in rows if row not in run.rows]
     if not todo:
@@ -398,7 +398,8 @@ def test_predictions(cfg: RunConfig, run: SeedRun, name: str) -> tuple[dict, dic
     """(outputs, targets) on the test split of a grading row or of :data:`STAGE1_PREDICTIONS` (cached)."""
     if name not in run.predictions:
         if name in STAGE1_PREDICTIONS:
-            model = {"stage 1": run.stage1, "stage 1 · LR segmenter": run.lr_stage1.hierarchy}.get(name, run.stage1.hierarchy)
+            models = {"stage 1": run.stage1, "stage 1 · LR segmenter": run.lr_segmenter.hierarchy}
+            model = models.get(name, run.stage1.hierarchy)
             key = STAGE1_PREDICTIONS[name]
         elif name in run.rows:
             model, key = run.rows[name], ROW_SPECS[name].input_key

@@ -80,7 +80,7 @@ def test_only_the_lr_directly_row_reads_the_lr_segmenter(trained):
     cfg, _, keep, _ = trained
     run = keep[0]
     assert [row for row, spec in X.ROW_SPECS.items() if spec.reads_lr] == [X.LR]
-    lr_segmenter = run.lr_stage1.hierarchy.segmenter.state_dict()
+    lr_segmenter = run.lr_segmenter.hierarchy.segmenter.state_dict()
     stage1_segmenter = run.stage1.hierarchy.segmenter.state_dict()
     for row in (X.LR, X.BICUBIC):
         built = X._stage2_model(cfg, run, X.ROW_SPECS[row], 0).hierarchy.segmenter.state_dict()
