@@ -257,13 +257,9 @@ def train_stage1(cfg: RunConfig, loaders: dict, seed: int) -> tuple[DeepMT, dict
     torch.manual_seed(seed)
     model = DeepMT(cfg.lr_scale, N_GRADES, seg_width=cfg.seg_width, grader_weights=_grader_weights(cfg))
     histories = {}
-    if cfg.sr_epochs:
-        opt = torch.optim.Adam(model.upsampler.parameters(), lr=cfg.lr)
-        _reseed_batches(loaders, f"SR warm-up seed {seed}")
-        histories["SR warm-up"] = fit(model.upsampler, SRLoss(tv=weights["tv"]), loaders["train"], loaders.get("val"),
-                                      epochs=cfg.sr_epochs, optimizer=opt, scheduler=one_cycle,
-                                      scheduler_interval="batch", input_key="lr_image", device=cfg.device,
-                                      compile=cfg.compile, monitor="val_loss", desc=f"SR warm-up seed {seed}")
+    if cfg.sr_epochs:  # the SR net alone, so at the whole stage-1 rate
+        histories["SR warm-up"] = _fit(cfg, model.upsampler, SRLoss(tv=weights["tv"]), loaders, cfg.sr_epochs,
+                                       "lr_image", f"SR warm-up seed {seed}", 1)
     configure_stage(model, 1)
     loss = Stage1Loss(model.hierarchy.segmenter, tv=weights["tv"], seg_consistency=weights["stage1_seg_consistency"])
     histories["stage 1"] = _fit(cfg, model, loss, loaders, cfg.seg_epochs, "lr_image", f"stage 1 seed {seed}", 1)
